@@ -98,13 +98,196 @@ class DenseConfig(BackendConfig):
 
 
 # ------------------------------------------------------------------------- shadowkv
-# (ShadowKVConfig goes here)
+SHADOWKV_DEFAULT_RANK = 160  # the paper's rank per layer, capped at Hkv·D by the layer
+SHADOWKV_SVD_METHODS = ("gram", "svd", "lowrank")
+
+
+@dataclasses.dataclass
+class ShadowKVConfig(BackendConfig):
+    """ShadowKV: low-rank pre-RoPE keys, offloaded values, sparse chunk selection (arXiv 2410.21465).
+
+    Parameters
+    ----------
+    sparse_budget : int
+        Prompt tokens rebuilt per decode step and KV head, a multiple of ``chunk_size``
+        (default 2048, 1.56% of 128K as in the paper).
+    rank : int, optional
+        Rank r of the per-layer, per-sequence factorisation of the pre-RoPE keys, shared by
+        all KV heads. Default ``None``: 160 capped at ``num_kv_heads * head_dim``; an
+        explicit value must be in ``[1, num_kv_heads * head_dim]`` (checked by the layer).
+    chunk_size : int
+        Tokens per chunk C; a landmark is the mean of a chunk's post-RoPE keys (default 8).
+    local_window : int
+        Last prompt tokens kept exact on the device (default 32, the official 4 chunks of 8;
+        the prompt remainder modulo ``chunk_size`` joins it).
+    outlier_chunks : int, optional
+        Chunks per KV head with the lowest min-cosine to their landmark, kept exact on the
+        device. Default ``None``: 24 per 1024 tokens of budget (48 at 2048), the official
+        CPU-class rule, applied proportionally below 1024 instead of rounding to 0.
+    reuse_hits : bool
+        Keep chunks selected at the previous step in place instead of rebuilding them
+        (default ``True``; the output is identical either way).
+    svd_method : {"gram", "svd", "lowrank"}
+        How the top-r right singular subspace of the ``[T, Hkv·D]`` keys is found: ``"gram"``
+        (default) eigendecomposes the fp64 Gram matrix (exact subspace, streams over T,
+        ~5x faster than SVD on CPU), ``"svd"`` runs ``torch.linalg.svd`` as the official
+        code does, ``"lowrank"`` runs the randomized ``torch.svd_lowrank``.
+    dense_fallback : bool
+        When the prompt is shorter than ``sparse_budget``, keep it all exact and attend
+        densely (default ``True``; ``stats()["fallback_dense"]`` says so). ``False`` forces
+        the sparse path, which then selects every chunk.
+    rope_theta : float
+        RoPE base used only when the layer has no rotary helper (bench, unit tests outside
+        a model); standard Llama rotate-half RoPE (default 10000).
+    """
+
+    sparse_budget: int = 2048
+    rank: Optional[int] = None
+    chunk_size: int = 8
+    local_window: int = 32
+    outlier_chunks: Optional[int] = None
+    reuse_hits: bool = True
+    svd_method: str = "gram"
+    dense_fallback: bool = True
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        name = "ShadowKVConfig"
+        _require(is_int(self.chunk_size) and self.chunk_size >= 1, name, "chunk_size", "a positive int", self.chunk_size)
+        _require(
+            is_int(self.sparse_budget) and self.sparse_budget >= self.chunk_size,
+            name,
+            "sparse_budget",
+            f"an int of at least one chunk (chunk_size={self.chunk_size})",
+            self.sparse_budget,
+        )
+        _require(
+            self.sparse_budget % self.chunk_size == 0,
+            name,
+            "sparse_budget",
+            f"a multiple of chunk_size={self.chunk_size}",
+            self.sparse_budget,
+        )
+        _require(self.rank is None or (is_int(self.rank) and self.rank >= 1), name, "rank", "None or an int >= 1", self.rank)
+        _require(is_int(self.local_window) and self.local_window >= 0, name, "local_window", "an int >= 0", self.local_window)
+        _require(
+            self.outlier_chunks is None or (is_int(self.outlier_chunks) and self.outlier_chunks >= 0),
+            name,
+            "outlier_chunks",
+            "None or an int >= 0",
+            self.outlier_chunks,
+        )
+        for flag in ("reuse_hits", "dense_fallback"):
+            _require(isinstance(getattr(self, flag), bool), name, flag, "a bool", getattr(self, flag))
+        _require(self.svd_method in SHADOWKV_SVD_METHODS, name, "svd_method", f"one of {SHADOWKV_SVD_METHODS}", self.svd_method)
+        _require(
+            isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool) and self.rope_theta > 0,
+            name,
+            "rope_theta",
+            "a positive number",
+            self.rope_theta,
+        )
+
+    @property
+    def num_outlier_chunks(self) -> int:
+        """Outlier chunks per KV head: ``outlier_chunks`` or 24 per 1024 budget tokens."""
+        if self.outlier_chunks is not None:
+            return self.outlier_chunks
+        return self.sparse_budget * 24 // 1024
+
 
 # ------------------------------------------------------------------------- retrieval
 # (RetrievalConfig goes here)
 
 # ------------------------------------------------------------------------- hip
-# (HiPConfig goes here)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class HiPConfig(BackendConfig):
+    """HiP: hierarchically pruned attention (Lee et al., arXiv 2406.09827).
+
+    Per block of ``block_size_q`` queries, a tree search keeps the top ``k // block_size_k``
+    key blocks (halving candidate ranges, scoring each by its centre block); attention runs
+    over those blocks plus ``sink`` first tokens and a ``window`` of recent tokens.
+
+    Parameters
+    ----------
+    k : int
+        Keys selected per query block by the mask (default 512, the paper's).
+    block_size_q, block_size_k : int
+        Query / key block sizes b_q, b_k (defaults 32 and 2, the paper's).
+    block_stride_q, block_stride_k : int
+        Subsampling strides inside a block when scoring a branch (defaults 2 and 1, the
+        official v1.1 defaults).
+    sink : int
+        Attention sinks: the first tokens, always attended (default 16).
+    window : int
+        Sliding window of recent tokens, always attended (default 256).
+    dense_layers : int
+        The first ``dense_layers`` decoder layers stay dense (default 3, the paper's for 7-8B).
+    refresh_interval : int
+        Decode steps between mask re-estimations; the mask is reused in between (default 8).
+    gqa_shared_mask : bool
+        One mask per KV head, scored as the max over the G query heads of its group
+        (default ``True``: G times cheaper gathers); ``False`` estimates one mask per query head.
+    offload : bool
+        Keep K/V on the host tier; decode moves only the keys the estimation scores and
+        the blocks attention reads (default ``False``).
+    """
+
+    k: int = 512
+    block_size_q: int = 32
+    block_size_k: int = 2
+    block_stride_q: int = 2
+    block_stride_k: int = 1
+    sink: int = 16
+    window: int = 256
+    dense_layers: int = 3
+    refresh_interval: int = 8
+    gqa_shared_mask: bool = True
+    offload: bool = False
+
+    def __post_init__(self):
+        for name in ("block_size_q", "block_size_k"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, "HiPConfig", name, "a positive int", value)
+        _require(
+            _is_int(self.k) and self.k > 0 and self.k % self.block_size_k == 0,
+            "HiPConfig",
+            "k",
+            f"a positive multiple of block_size_k={self.block_size_k}",
+            self.k,
+        )
+        for name, size in (("block_stride_q", self.block_size_q), ("block_stride_k", self.block_size_k)):
+            value = getattr(self, name)
+            _require(_is_int(value) and 1 <= value <= size, "HiPConfig", name, f"an int in [1, {size}]", value)
+        for name in ("sink", "window", "dense_layers"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 0, "HiPConfig", name, "a non-negative int", value)
+        _require(
+            _is_int(self.refresh_interval) and self.refresh_interval >= 1,
+            "HiPConfig",
+            "refresh_interval",
+            "an int >= 1",
+            self.refresh_interval,
+        )
+        for name in ("gqa_shared_mask", "offload"):
+            _require(isinstance(getattr(self, name), bool), "HiPConfig", name, "a bool", getattr(self, name))
+
+    @property
+    def mask_blocks(self) -> int:
+        """Key blocks kept per query block, ``k // block_size_k``."""
+        return self.k // self.block_size_k
+
+    @property
+    def sink_blocks(self) -> int:
+        """Key blocks covering the sink tokens, ``ceil(sink / block_size_k)``."""
+        return -(-self.sink // self.block_size_k)
 
 # ------------------------------------------------------------------------- triforce
 # (TriForce's middle-level chunk-retrieval config goes here)

@@ -109,10 +109,15 @@ class BackendLayer(abc.ABC):
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Store the prompt's K/V and return causal attention over it.
 
+        ``q`` may hold only the *last* ``Sq <= S`` prompt queries (``Sq == S`` inside a
+        model forward). The bench and the diagnostics pass a short tail so that building a
+        128K cache does not cost a quadratic attention; queries are then at key positions
+        ``S - Sq .. S - 1`` and attend causally from there.
+
         Parameters
         ----------
         q : torch.Tensor
-            ``[B, H, S, D]`` queries, post-RoPE.
+            ``[B, H, Sq, D]`` queries of the last Sq prompt tokens, post-RoPE.
         k, v : torch.Tensor
             ``[B, Hkv, S, D]`` keys (post-RoPE) and values of the prompt.
         positions : torch.Tensor
@@ -121,7 +126,7 @@ class BackendLayer(abc.ABC):
         Returns
         -------
         torch.Tensor
-            ``[B, H, S, D]`` attention output, same dtype as ``q``.
+            ``[B, H, Sq, D]`` attention output, same dtype as ``q``.
         """
 
     @abc.abstractmethod

@@ -52,6 +52,57 @@ def grouped_attention(
     return out
 
 
+class GrowingKV:
+    """K/V storage with amortised O(1) appends (capacity grows by 1.5x), views of the live part.
+
+    ``torch.cat`` per decode step would copy the whole cache every token, which at 128K
+    costs more than the attention itself.
+
+    Parameters
+    ----------
+    k, v : torch.Tensor
+        ``[B, Hkv, T, D]`` initial contents (copied into the buffer).
+    device : torch.device
+        Where the buffer lives.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device, reserve: int = 256):
+        B, Hkv, T, D = k.shape
+        pin = device.type == "cpu" and k.device.type == "cuda"
+        self.k = torch.empty(B, Hkv, T + reserve, D, dtype=k.dtype, device=device, pin_memory=pin)
+        self.v = torch.empty_like(self.k)
+        self.k[:, :, :T].copy_(k)
+        self.v[:, :, :T].copy_(v)
+        self.length = T
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``[B, Hkv, S, D]`` new keys and values."""
+        S = k.shape[2]
+        if self.length + S > self.k.shape[2]:
+            cap = max(int(self.k.shape[2] * 1.5), self.length + S)
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = torch.empty(*old.shape[:2], cap, old.shape[3], dtype=old.dtype, device=old.device)
+                new[:, :, : self.length].copy_(old[:, :, : self.length])
+                setattr(self, name, new)
+        self.k[:, :, self.length : self.length + S].copy_(k)
+        self.v[:, :, self.length : self.length + S].copy_(v)
+        self.length += S
+
+    def truncate(self, length: int) -> None:
+        self.length = length
+
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, : self.length]
+
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, : self.length]
+
+    def nbytes(self) -> int:
+        """Bytes of the live K and V (the reserve is not counted)."""
+        return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
+
+
 @register_backend("dense", DenseConfig, "exact attention over the full cache (reference)")
 class DenseLayer(BackendLayer):
     """Exact attention over the full KV cache.
@@ -59,58 +110,45 @@ class DenseLayer(BackendLayer):
     Parameters
     ----------
     config : DenseConfig
+        ``offload=True`` keeps K/V on the host tier.
     ctx : LayerContext
     """
 
     def __init__(self, config: DenseConfig, ctx: LayerContext):
         super().__init__(config, ctx)
-        self.k: Optional[torch.Tensor] = None  # [B, Hkv, T, D]
-        self.v: Optional[torch.Tensor] = None
+        self.kv: Optional[GrowingKV] = None
         self.prompt_len = 0
-        self._device: Optional[torch.device] = None
         self._steps = 0
 
-    def _store(self, t: torch.Tensor) -> torch.Tensor:
-        if self.config.offload:
-            return t.to(self.ctx.host_device, non_blocking=True)
-        return t
-
     def prefill(self, q, k, v, positions):
-        self._device = q.device
-        self.k, self.v = self._store(k), self._store(v)
+        tier = self.ctx.host_device if self.config.offload else k.device
+        self.kv = GrowingKV(k, v, tier)
         self.prompt_len = k.shape[2]
-        out = grouped_attention(q, k, v, self.ctx.scale, 0, self.ctx.sliding_window)
-        self._record(q.shape[2])
+        out = grouped_attention(q, k, v, self.ctx.scale, k.shape[2] - q.shape[2], self.ctx.sliding_window)
+        self.attended = None  # dense attends every causal key
         return out
 
     def decode(self, q, k, v, positions):
-        if self.k is None:
+        if self.kv is None:
             raise RuntimeError("decode() called before prefill() on a dense layer")
-        self.k = torch.cat([self.k, self._store(k)], dim=2)
-        self.v = torch.cat([self.v, self._store(v)], dim=2)
-        T = self.k.shape[2]
-        kk, vv = self.k.to(q.device), self.v.to(q.device)
-        out = grouped_attention(q, kk, vv, self.ctx.scale, T - q.shape[2], self.ctx.sliding_window)
+        self.kv.append(k, v)
+        kk, vv = self.kv.keys().to(q.device), self.kv.values().to(q.device)
+        out = grouped_attention(q, kk, vv, self.ctx.scale, kk.shape[2] - q.shape[2], self.ctx.sliding_window)
         self._steps += 1
-        self._record(q.shape[2])
-        return out
-
-    def _record(self, S: int) -> None:
-        # dense attends every causal key: leave ``attended`` as None ("all causal keys")
         self.attended = None
+        return out
 
     def rollback(self, n_tokens: int) -> None:
         self._check_rollback(n_tokens, self.seq_length - self.prompt_len)
         if n_tokens:
-            self.k = self.k[:, :, :-n_tokens]
-            self.v = self.v[:, :, :-n_tokens]
+            self.kv.truncate(self.kv.length - n_tokens)
 
     @property
     def seq_length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return 0 if self.kv is None else self.kv.length
 
     def memory(self) -> dict[str, int]:
-        nbytes = 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
+        nbytes = 0 if self.kv is None else self.kv.nbytes()
         tier = "host" if self.config.offload else "device"
         return {"device": 0, "host": 0, tier: nbytes}
 

@@ -1,0 +1,773 @@
+"""Tiny long-context Llama models (target + draft + tokenizer) trained on synthetic retrieval text.
+
+No weights can be downloaded where longctx runs its tests, so it trains and ships its own small
+models whose attention really retrieves across long contexts. This module holds everything
+needed to rebuild them from scratch, seeded and reproducible:
+
+- a byte-level BPE tokenizer (HF ``tokenizers``) with word tokens for the template/haystack
+  words, single digits (any 7-digit number is 7 digit tokens) and a byte fallback (any word or
+  uuid can be spelled), saved with a chat template;
+- a synthetic data generator shaped exactly like RULER's NIAH tasks (noise / needle / essay
+  haystacks, the official needle sentence, question template, answer prefix and singular
+  rewrite, multi-key / multi-value / multi-query variants), variable-tracking chains, and plain
+  copy (induction) text;
+- a training loop with a length curriculum (short contexts to learn the mechanism, then long
+  ones), PoSE-style position skips and a large RoPE base so that positions vary slowly;
+- a quick greedy RULER-format evaluator (string_match_all) and the draft/target agreement.
+
+Run ``python -m longctx.tiny --help`` (mounted as ``longctx train-tiny``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import string
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODELS_DIR = PACKAGE_DIR / "models_data"
+ESSAY_PATH = PACKAGE_DIR.parent / "eval" / "data" / "synthetic_essays.json"
+
+# ---------------------------------------------------------------------------------------------
+# RULER NIAH text, verbatim (NVIDIA/RULER scripts/data/synthetic/niah.py and synthetic.yaml)
+# ---------------------------------------------------------------------------------------------
+NOISE_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+NIAH_TEMPLATE = (
+    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+    "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
+)
+NIAH_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+VT_TEMPLATE = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+    "Question: Find all variables that are assigned the value {query} in the text above."
+)
+VT_ANSWER_PREFIX = (
+    " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
+    "assigned the value {query}, they are: "
+)
+ESSAY_DEPTHS = [round(100 * i / 39) for i in range(40)]  # np.round(np.linspace(0, 100, 40))
+
+# name: (haystack, type_needle_k, type_needle_v, num_needle_k, num_needle_v, num_needle_q)
+RULER_NIAH_TASKS = {
+    "niah_single_1": ("noise", "words", "numbers", 1, 1, 1),
+    "niah_single_2": ("essay", "words", "numbers", 1, 1, 1),
+    "niah_single_3": ("essay", "words", "uuids", 1, 1, 1),
+    "niah_multikey_1": ("essay", "words", "numbers", 4, 1, 1),
+    "niah_multikey_2": ("needle", "words", "numbers", 1, 1, 1),
+    "niah_multikey_3": ("needle", "uuids", "uuids", 1, 1, 1),
+    "niah_multivalue": ("essay", "words", "numbers", 1, 4, 1),
+    "niah_multiquery": ("essay", "words", "numbers", 1, 1, 4),
+}
+DONE_WHEN_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery")
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic prose (the stand-in essay haystack; NOT Paul Graham's essays)
+# ---------------------------------------------------------------------------------------------
+_SUBJECTS = (
+    "the founder the team the company the investor the programmer the writer the student the city the market "
+    "the product the user the startup the teacher the scientist the engineer the reader the customer the manager "
+    "most people a good idea a small group the best work the old system a new language every project the problem "
+    "the research the design the school the book the question the answer the crowd the committee the editor"
+).split(" the ")
+_VERBS = (
+    "builds|changes|explains|discovers|ignores|follows|solves|makes|needs|wants|finds|learns|measures|writes|reads|"
+    "questions|improves|notices|protects|tests|chooses|describes|creates|avoids|remembers|considers|shapes|funds"
+).split("|")
+_OBJECTS = (
+    "the problem|a simple tool|the whole market|an unusual plan|the hard parts|the next version|a better way|"
+    "the original question|a long essay|the early users|the real cost|a clear goal|the main risk|the old habits|"
+    "a surprising result|the right people|the first draft|a useful habit|the daily routine|the small details|"
+    "the obvious answer|a careful study|the last chapter|the open secret|a quiet room|the future|the past"
+).split("|")
+_ADVERBIALS = (
+    "in the end|over time|at first|for a while|in practice|without much effort|with great care|after a long time|"
+    "in most cases|by accident|for years|every morning|in a few weeks|on purpose|at the same time|in theory|"
+    "more often than not|as a rule|from the start|against all odds|in the long run|surprisingly quickly"
+).split("|")
+_OPENERS = (
+    "However,|In fact,|Of course,|Usually|Sometimes|Often|Still,|Then|Later|Now|Meanwhile,|For example,|"
+    "In other words,|Even so,|Perhaps|Naturally,|Strangely,|Clearly|Fortunately,|Above all,"
+).split("|")
+_CLAUSES = (
+    "because it was easier|although nobody expected it|which surprised everyone|since the rules were unclear|"
+    "when the money ran out|while the others waited|so that it would last|unless someone objected|"
+    "as if it were obvious|even though it was hard|before anyone noticed|once the work was done"
+).split("|")
+_ADJECTIVES = (
+    "quiet bright simple careful strange large small ancient modern gentle rapid silent clever honest narrow broad "
+    "heavy light curious patient brave calm eager fancy fresh golden hollow humble lively lucky mellow noble plain "
+    "proud rare rough sharp smooth solid steady sweet tender tidy vast warm wild wise young dusty empty frozen"
+).split()
+_NOUNS = (
+    "river mountain garden window kettle lantern harbor pencil castle meadow bridge candle forest island ladder "
+    "mirror orchard pepper rocket saddle shadow teacup thunder tunnel violin wagon basket blanket button canyon "
+    "cloud copper desert engine feather fiddle glacier hammer helmet jacket jungle kitten lemon magnet marble "
+    "needle ocean oyster parrot pillow planet puzzle quilt rabbit ribbon sandal signal spider statue tiger tower "
+    "trumpet valley wallet whistle wizard yacht zebra anchor beacon biscuit cabinet cactus compass dragon"
+).split()
+_SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "ch", "sh", "st", "qu", "ng", "er", "an"]
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+
+
+def _sentence(rng: random.Random) -> str:
+    parts = []
+    if rng.random() < 0.35:
+        parts.append(rng.choice(_OPENERS))
+    subj = rng.choice(_SUBJECTS).strip()
+    subj = subj if subj.startswith(("the ", "a ", "most", "every")) else "the " + subj
+    parts += [subj, rng.choice(_VERBS), rng.choice(_OBJECTS)]
+    if rng.random() < 0.5:
+        parts.append(rng.choice(_ADVERBIALS))
+    if rng.random() < 0.3:
+        parts.append(rng.choice(_CLAUSES))
+    if rng.random() < 0.3:
+        parts += ["and", rng.choice(_VERBS), rng.choice(_OBJECTS)]
+    text = " ".join(parts)
+    return text[0].upper() + text[1:] + rng.choice([".", ".", ".", "?", "!"])
+
+
+def synthetic_essay_text(n_words: int = 60000, seed: int = 0) -> str:
+    """Generate the stand-in essay haystack: grammatical filler prose from a small grammar.
+
+    It replaces RULER's ``PaulGrahamEssays.json`` (which cannot be shipped or fetched here) for
+    training and for offline runs. It is NOT Paul Graham's essays.
+    """
+    rng = random.Random(seed)
+    paragraphs, n = [], 0
+    while n < n_words:
+        para = " ".join(_sentence(rng) for _ in range(rng.randint(3, 8)))
+        paragraphs.append(para)
+        n += len(para.split())
+    return "\n\n".join(paragraphs)
+
+
+def load_essay_words(path: Path = ESSAY_PATH) -> list[str]:
+    """Words of the stand-in essay, split as RULER does (``re.sub(r'\\s+', ' ', essay).split(' ')``)."""
+    if path.exists():
+        text = json.loads(path.read_text())["text"]
+    else:
+        text = synthetic_essay_text()
+    return re.sub(r"\s+", " ", text).split(" ")
+
+
+def _split_sentences(words: Sequence[str]) -> list[str]:
+    # a stand-in for nltk.sent_tokenize that is exact on the synthetic prose (no abbreviations)
+    sents, cur = [], []
+    for w in words:
+        cur.append(w)
+        if w.endswith((".", "?", "!")):
+            sents.append(" ".join(cur))
+            cur = []
+    if cur:
+        sents.append(" ".join(cur))
+    return sents
+
+
+# ---------------------------------------------------------------------------------------------
+# RULER-shaped samples
+# ---------------------------------------------------------------------------------------------
+def random_key(rng: random.Random) -> str:
+    """A RULER-like word key ``adjective-noun`` (real or pseudo words, so every spelling is seen)."""
+    a = rng.choice(_ADJECTIVES) if rng.random() < 0.5 else _pseudo_word(rng)
+    b = rng.choice(_NOUNS) if rng.random() < 0.5 else _pseudo_word(rng)
+    return f"{a}-{b}"
+
+
+def random_value(rng: random.Random, kind: str) -> str:
+    """A value as RULER draws it: 7-digit number, word, or uuid4 string."""
+    if kind == "numbers":
+        return str(rng.randint(10**6, 10**7 - 1))
+    if kind == "words":
+        return random_key(rng)
+    if kind == "uuids":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    raise ValueError(f"random_value requires kind in numbers/words/uuids (got {kind!r})")
+
+
+def _join_query(keys: Sequence[str]) -> str:
+    return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + ", and " + keys[-1]
+
+
+def _join_values(values: Sequence[str]) -> str:
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + ", and " + values[-1]
+
+
+@dataclasses.dataclass
+class Sample:
+    """One prompt: ``prompt`` (template + answer prefix), ``answer`` (the completion) and ``outputs``."""
+
+    prompt: str
+    answer: str
+    outputs: list[str]
+
+
+def niah_sample(
+    rng: random.Random,
+    task: str,
+    n_units: int,
+    essay_words: Sequence[str],
+    extra_questions: int = 0,
+    chat: bool = False,
+) -> Sample:
+    """Build a RULER NIAH prompt with ``n_units`` haystack units (lines for noise/needle, words for essay).
+
+    The prompt is exactly RULER's ``template.format(...) + answer_prefix`` (``base`` model template,
+    or this tokenizer's chat template when ``chat``). ``answer`` is the training completion: the
+    values in query order (multi-value: in order of appearance), e.g. ``" 1234567."``.
+    ``extra_questions`` appends further question/answer turns about other needles in the text
+    (training only: more supervised answers per context).
+    """
+    haystack, type_k, type_v, k, v, q = RULER_NIAH_TASKS[task]
+    k = max(k, q)
+    keys = []
+    while len(keys) < k:
+        key = random_value(rng, type_k)
+        if key not in keys:
+            keys.append(key)
+    values = [[random_value(rng, type_v) for _ in range(v)] for _ in range(k)]
+    needles = [NEEDLE.format(type_needle_v=type_v, key=keys[i], value=values[i][j]) for i in range(k) for j in range(v)]
+    rng.shuffle(needles)
+
+    distractors = []
+    if haystack == "essay":
+        start = rng.randrange(max(1, len(essay_words) - n_units))
+        words = list(essay_words[start:start + n_units])
+        while len(words) < n_units:
+            words += essay_words[: n_units - len(words)]
+        sents = _split_sentences(words)
+        positions = sorted(int(len(sents) * d / 100) for d in rng.sample(ESSAY_DEPTHS, len(needles)))
+        for pos, needle in sorted(zip(positions, needles), key=lambda t: t[0], reverse=True):
+            sents.insert(pos, needle)
+        context = " ".join(sents)
+    else:
+        if haystack == "noise":
+            lines = [NOISE_LINE] * n_units
+        else:
+            for _ in range(n_units):
+                dk, dv = random_value(rng, type_k), random_value(rng, type_v)
+                distractors.append((dk, dv))
+            lines = [NEEDLE.format(type_needle_v=type_v, key=dk, value=dv) for dk, dv in distractors]
+        for pos, needle in zip(sorted(rng.sample(range(len(lines) + 1), len(needles)), reverse=True), needles):
+            lines.insert(pos, needle)
+        context = "\n".join(lines)
+
+    order = rng.sample(range(k), q)
+    query_keys = [keys[i] for i in order]
+    if v > 1:  # multi-value: answer in order of appearance
+        vals = values[order[0]]
+        vals = sorted(vals, key=context.find)
+        outputs = list(vals)
+    else:
+        outputs = [values[i][0] for i in order]
+
+    template = NIAH_TEMPLATE + "{answer_prefix}"
+    tv = type_v
+    if q * v == 1:  # RULER's singular rewrite, applied to the whole template incl. answer prefix
+        template = template.replace("{answer_prefix}", NIAH_ANSWER_PREFIX)
+        template = template.replace("Some", "A").replace("are all", "is").replace("are", "is")
+        template = template.replace("answers", "answer")
+        tv = type_v[:-1]
+    else:
+        template = template.replace("{answer_prefix}", NIAH_ANSWER_PREFIX)
+    task_text = template.format(type_needle_v=tv, context=context, query=_join_query(query_keys))
+    answer = " " + _join_values(outputs) + "."
+
+    # extra turns: singular questions about other needles present in the text
+    pool = [(keys[i], values[i]) for i in range(k) if v == 1] + distractors
+    for _ in range(extra_questions):
+        if not pool:
+            break
+        qk, qv = rng.choice(pool)
+        qv = qv if isinstance(qv, str) else qv[0]
+        single = (
+            "\nWhat is the special magic {t} for {k} mentioned in the provided text?"
+            " The special magic {t} for {k} mentioned in the provided text is"
+        ).format(t=type_v[:-1], k=qk)
+        answer += single + " " + qv + "."
+    if chat:
+        split = task_text.rfind(NIAH_ANSWER_PREFIX.format(type_needle_v=tv, query=_join_query(query_keys))[:10])
+        prompt = "<|user|>\n" + task_text[:split] + "</s>\n<|assistant|>\n" + task_text[split:]
+    else:
+        prompt = task_text
+    return Sample(prompt=prompt, answer=answer, outputs=outputs)
+
+
+def vt_sample(rng: random.Random, n_lines: int, num_hops: int = 4) -> Sample:
+    """A RULER variable-tracking prompt (one chain, noise haystack, no few-shot example)."""
+    names: list[str] = []
+    while len(names) < num_hops + 1:
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+        if name not in names:
+            names.append(name)
+    value = str(rng.randint(10000, 99999))
+    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
+    sents = [NOISE_LINE] * n_lines
+    positions = sorted(rng.sample(range(len(sents)), len(chain)))
+    for j, pos in enumerate(positions):
+        sents.insert(pos + j, chain[j])
+    context = "\n".join(sents).replace(". \n", ".\n")
+    prompt = VT_TEMPLATE.format(context=context, query=value) + VT_ANSWER_PREFIX.format(num_v=num_hops + 1, query=value)
+    return Sample(prompt=prompt, answer=" ".join(names) + ".", outputs=names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+def _tokenizer_corpus(essay_words: Sequence[str], seed: int) -> list[str]:
+    rng = random.Random(seed)
+    corpus = [NOISE_LINE] * 50 + [" ".join(essay_words[i:i + 200]) for i in range(0, min(len(essay_words), 40000), 200)]
+    for task in RULER_NIAH_TASKS:
+        for _ in range(20):
+            s = niah_sample(rng, task, 3, essay_words)
+            corpus.append(s.prompt + s.answer)
+    for _ in range(20):
+        s = vt_sample(rng, 3)
+        corpus.append(s.prompt)
+    return corpus
+
+
+def build_tokenizer(vocab_size: int = 1024, seed: int = 0, essay_words: Optional[Sequence[str]] = None):
+    """Train the byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
+
+    Digits are always single tokens (a 7-digit number is 7 tokens); any other string falls back
+    to bytes, so every word and uuid is spellable. BOS is prepended by the post-processor.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    essay_words = essay_words if essay_words is not None else load_essay_words()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(essay_words, seed), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.model_max_length = 65536
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TinyConfig:
+    """Architecture of one tiny Llama (target or draft).
+
+    Parameters
+    ----------
+    hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size : int
+        Llama shape; ``num_heads % num_kv_heads == 0`` (GQA) and ``head_dim >= 32``.
+    rope_theta : float
+        RoPE base. A large base (1e8) keeps most rotary pairs nearly constant over 32K tokens,
+        so content matching can use them at lengths never trained on.
+    """
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    rope_theta: float = 1e8
+    max_position_embeddings: int = 65536
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"TinyConfig requires num_heads % num_kv_heads == 0 (got {self.num_heads}, {self.num_kv_heads})")
+        if self.head_dim < 32:
+            raise ValueError(f"TinyConfig requires head_dim >= 32 (got {self.head_dim})")
+
+    def to_llama(self, tokenizer):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+        )
+
+
+TARGET = TinyConfig()
+DRAFT = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=192)
+
+
+def build_model(cfg: TinyConfig, tokenizer, seed: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg.to_llama(tokenizer))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data
+# ---------------------------------------------------------------------------------------------
+# (task, weight). Word-valued and essay variants broaden the mechanism beyond the judged tasks.
+TRAIN_MIX = [
+    ("niah_single_1", 2.0), ("niah_single_2", 1.0), ("niah_single_3", 1.0), ("niah_multikey_1", 1.0),
+    ("niah_multikey_2", 2.5), ("niah_multikey_3", 2.5), ("niah_multivalue", 2.5), ("niah_multiquery", 2.5),
+    ("vt", 0.5), ("copy", 1.0),
+]
+_UNIT_TOKENS = {"noise": 25.0, "needle_numbers": 22.0, "needle_uuids": 60.0, "essay": 1.25, "vt": 25.0}
+
+
+class SampleStream:
+    """Seeded stream of tokenised training sequences of about a requested token length."""
+
+    def __init__(self, tokenizer, seed: int, essay_words: Sequence[str]):
+        self.tok = tokenizer
+        self.rng = random.Random(seed)
+        self.essay = essay_words
+        self.tasks = [t for t, _ in TRAIN_MIX]
+        self.weights = [w for _, w in TRAIN_MIX]
+        specials = set(tokenizer.all_special_ids)
+        self.plain_ids = [i for i in range(len(tokenizer)) if i not in specials]
+
+    def _units(self, task: str, n_tokens: int) -> int:
+        if task == "vt":
+            return max(6, int(n_tokens / _UNIT_TOKENS["vt"]))
+        hay, tk, tv = RULER_NIAH_TASKS[task][:3]
+        key = "needle_uuids" if "uuids" in (tk, tv) and hay == "needle" else ("needle_numbers" if hay == "needle" else hay)
+        return max(4, int(n_tokens / _UNIT_TOKENS[key]))
+
+    def _copy(self, n_tokens: int) -> tuple[list[int], list[int]]:
+        # [BOS] filler X filler X: loss on the second copy of X (induction/copying at a distance)
+        rng = self.rng
+        span = [rng.choice(self.plain_ids) for _ in range(rng.randint(8, 48))]
+        filler_len = max(0, n_tokens - 2 * len(span) - 1)
+        cut = rng.randint(0, filler_len)
+        filler = [rng.choice(self.plain_ids) for _ in range(filler_len)]
+        ids = [self.tok.bos_token_id] + filler[:cut] + span + filler[cut:] + span
+        labels = [-100] * (len(ids) - len(span) + 1) + span[1:]
+        return ids, labels
+
+    def sample(self, n_tokens: int, extra_questions: int = 0) -> tuple[list[int], list[int]]:
+        """Return ``(input_ids, labels)`` of at most ``n_tokens`` tokens; labels are -100 off the answers."""
+        rng = self.rng
+        task = rng.choices(self.tasks, self.weights)[0]
+        if task == "copy":
+            return self._copy(n_tokens)
+        units = self._units(task, n_tokens - 40)
+        while True:
+            if task == "vt":
+                s = vt_sample(rng, units)
+            else:
+                s = niah_sample(rng, task, units, self.essay, extra_questions=extra_questions, chat=rng.random() < 0.25)
+            p = self.tok(s.prompt)["input_ids"]
+            a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            if len(p) + len(a) <= n_tokens or units <= 4:
+                return p + a, [-100] * len(p) + a
+            units = max(4, int(units * n_tokens / (len(p) + len(a)) * 0.97))
+
+
+def make_batch(stream: SampleStream, batch_size: int, min_len: int, max_len: int, pose_prob: float,
+               max_position: int, pad_id: int, extra_questions: int = 0):
+    """Pad a batch on the right; with probability ``pose_prob`` a sample's position ids skip ahead
+    once (PoSE) so that relative distances up to ``max_position`` are seen at short lengths."""
+    rng = stream.rng
+    seqs = [stream.sample(rng.randint(min_len, max_len), extra_questions) for _ in range(batch_size)]
+    L = max(len(s[0]) for s in seqs)
+    ids = torch.full((batch_size, L), pad_id, dtype=torch.long)
+    labels = torch.full((batch_size, L), -100, dtype=torch.long)
+    pos = torch.arange(L).repeat(batch_size, 1)
+    for b, (x, y) in enumerate(seqs):
+        ids[b, : len(x)] = torch.tensor(x)
+        labels[b, : len(y)] = torch.tensor(y)
+        if rng.random() < pose_prob and max_position > L:
+            cut = rng.randint(1, len(x) - 1)
+            pos[b, cut:] += rng.randint(0, max_position - L)
+    return ids, labels, pos
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Stage:
+    """One curriculum stage: ``steps`` optimizer steps on sequences of ``min_len..max_len`` tokens."""
+
+    steps: int
+    min_len: int
+    max_len: int
+    batch_size: int
+    pose_prob: float = 0.0
+    extra_questions: int = 0
+
+
+DEFAULT_CURRICULUM = [
+    Stage(steps=700, min_len=128, max_len=512, batch_size=32, pose_prob=0.3, extra_questions=3),
+    Stage(steps=250, min_len=512, max_len=1536, batch_size=12, pose_prob=0.3, extra_questions=2),
+    Stage(steps=150, min_len=2048, max_len=4096, batch_size=4, pose_prob=0.2, extra_questions=0),
+]
+
+
+def _loss(model, ids, labels, pos, autocast: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and ids.device.type == "cpu"):
+        logits = model(input_ids=ids, position_ids=pos).logits
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+def train(
+    models: dict,
+    tokenizer,
+    curriculum: Sequence[Stage],
+    seed: int = 0,
+    lr: float = 2e-3,
+    warmup: int = 50,
+    max_position: int = 32768,
+    autocast: bool = True,
+    log_every: int = 25,
+    essay_words: Optional[Sequence[str]] = None,
+) -> list[dict]:
+    """Train every model in ``models`` (name -> LlamaForCausalLM) on the same seeded batches.
+
+    Returns the logged history (one dict per logged step with the losses).
+    """
+    essay_words = essay_words if essay_words is not None else load_essay_words()
+    stream = SampleStream(tokenizer, seed, essay_words)
+    total = sum(s.steps for s in curriculum)
+    opts = {
+        n: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01) for n, m in models.items()
+    }
+
+    def lr_at(step):
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+    history, step, t0 = [], 0, time.time()
+    for m in models.values():
+        m.train()
+    for si, stage in enumerate(curriculum):
+        running = {n: 0.0 for n in models}
+        for _ in range(stage.steps):
+            ids, labels, pos = make_batch(stream, stage.batch_size, stage.min_len, stage.max_len, stage.pose_prob,
+                                          max_position, tokenizer.pad_token_id, stage.extra_questions)
+            for n, m in models.items():
+                for g in opts[n].param_groups:
+                    g["lr"] = lr_at(step)
+                loss = _loss(m, ids, labels, pos, autocast)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                opts[n].step()
+                opts[n].zero_grad(set_to_none=True)
+                running[n] += loss.item()
+            step += 1
+            if step % log_every == 0 or step == total:
+                k = (step - 1) % log_every + 1
+                rec = {"step": step, "stage": si, "len": ids.shape[1], "elapsed_s": round(time.time() - t0, 1)}
+                rec.update({f"loss_{n}": round(v / k, 4) for n, v in running.items()})
+                history.append(rec)
+                logger.info("%s", json.dumps(rec))
+                running = {n: 0.0 for n in models}
+    for m in models.values():
+        m.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Quick RULER-format evaluation
+# ---------------------------------------------------------------------------------------------
+def ruler_postprocess(pred: str) -> str:
+    return re.sub(r"[\x00-\x1f]", "\n", pred.strip()).strip()
+
+
+def string_match_all(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
+    """RULER's niah metric (scripts/eval/synthetic/constants.py), in percent."""
+    s = sum(sum(r.lower() in p.lower() for r in ref) / len(ref) for p, ref in zip(preds, refs))
+    return round(100 * s / len(preds), 2)
+
+
+def sized_niah_samples(tokenizer, task: str, max_seq_length: int, n: int, seed: int,
+                       essay_words: Optional[Sequence[str]] = None, tokens_to_generate: int = 128) -> list[Sample]:
+    """``n`` prompts sized by RULER's rule: ``len(tokenize(prompt)) + tokens_to_generate <= max_seq_length``."""
+    essay_words = essay_words if essay_words is not None else load_essay_words()
+    rng = random.Random(seed)
+    budget = max_seq_length - tokens_to_generate
+    probe = niah_sample(random.Random(seed + 1), task, 100 if RULER_NIAH_TASKS[task][0] == "essay" else 10, essay_words)
+    n0 = 100 if RULER_NIAH_TASKS[task][0] == "essay" else 10
+    per_unit = (len(tokenizer.tokenize(probe.prompt)) - 60) / n0
+    units = max(1, int((budget - 60) / per_unit))
+    out = []
+    for _ in range(n):
+        state = rng.getstate()
+        while True:
+            rng.setstate(state)
+            s = niah_sample(rng, task, units, essay_words)
+            if len(tokenizer.tokenize(s.prompt)) <= budget or units <= 1:
+                break
+            units -= max(1, units // 100)
+        out.append(s)
+    return out
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, list[int]]:
+    """Greedy completion of ``prompt``; returns the decoded text and the generated ids."""
+    dev = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(dev)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    gen = out[0, ids.shape[1]:].tolist()
+    return tokenizer.decode(gen, skip_special_tokens=True), gen
+
+
+def _answer_budget(task: str) -> int:
+    _, _, tv, k, v, q = RULER_NIAH_TASKS[task]
+    per = 40 if tv == "uuids" else 10
+    return per * max(v, q) + 4
+
+
+def evaluate(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n: int, seed: int = 42,
+             draft=None) -> dict:
+    """Greedy RULER-format NIAH scores (string_match_all) per task and length.
+
+    With ``draft``, also the greedy agreement: fraction of positions over the target's answer span
+    (teacher-forced on the target's greedy output) where draft argmax == target argmax.
+    """
+    results = {}
+    for L in lengths:
+        for task in tasks:
+            samples = sized_niah_samples(tokenizer, task, L, n, seed)
+            preds, agree, total = [], 0, 0
+            for s in samples:
+                text, gen = greedy_answer(model, tokenizer, s.prompt, _answer_budget(task))
+                preds.append(ruler_postprocess(text))
+                if draft is not None and gen:
+                    a, t = draft_agreement(model, draft, tokenizer, s.prompt, gen)
+                    agree, total = agree + a, total + t
+            rec = {"score": string_match_all(preds, [s.outputs for s in samples]), "n": n, "example": preds[0][:80]}
+            if draft is not None:
+                rec["draft_agreement"] = round(agree / max(1, total), 4)
+            results[f"{task}@{L}"] = rec
+            logger.info("eval %s@%d %s", task, L, json.dumps(rec))
+    return results
+
+
+@torch.no_grad()
+def draft_agreement(target, draft, tokenizer, prompt: str, gen: list[int]) -> tuple[int, int]:
+    """Positions over the answer span where draft and target greedy predictions coincide."""
+    dev = next(target.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(dev)
+    full = torch.cat([ids, torch.tensor([gen], device=dev)], dim=1)
+    P = ids.shape[1]
+    lt = target(full).logits[0, P - 1: full.shape[1] - 1].argmax(-1)
+    ld = draft(full).logits[0, P - 1: full.shape[1] - 1].argmax(-1)
+    return int((lt == ld).sum()), int(lt.numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving / CLI
+# ---------------------------------------------------------------------------------------------
+def save_model(model, tokenizer, path: Path):
+    from transformers import GenerationConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="longctx train-tiny", description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default=str(MODELS_DIR), help="writes <out-dir>/tiny-target and tiny-draft")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    p.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--log-file", default=None, help="also append the log to this file")
+    p.add_argument("--eval-lengths", default="4096", help="comma-separated lengths for the final quick eval ('' = none)")
+    p.add_argument("--eval-samples", type=int, default=20)
+    p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
+    return p.parse_args(argv)
+
+
+def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI: build the tokenizer, train target and draft, save them, run a quick evaluation."""
+    args = _parse(argv)
+    handlers = [logging.StreamHandler()]
+    if args.log_file:
+        handlers.append(logging.FileHandler(args.log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.eval_only:
+        tok = AutoTokenizer.from_pretrained(out / "tiny-target")
+        target = AutoModelForCausalLM.from_pretrained(out / "tiny-target").eval()
+        draft = AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval()
+    else:
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        essay = load_essay_words()
+        tok = build_tokenizer(seed=args.seed, essay_words=essay)
+        target = build_model(TARGET, tok, args.seed)
+        draft = build_model(DRAFT, tok, args.seed + 1)
+        curriculum = [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in DEFAULT_CURRICULUM]
+        logger.info("vocab %d target %d params draft %d params curriculum %s", len(tok),
+                    sum(p.numel() for p in target.parameters()), sum(p.numel() for p in draft.parameters()),
+                    [dataclasses.asdict(s) for s in curriculum])
+        t0 = time.time()
+        train({"target": target, "draft": draft}, tok, curriculum, seed=args.seed, lr=args.lr,
+              autocast=not args.no_autocast, essay_words=essay)
+        logger.info("training took %.1f min", (time.time() - t0) / 60)
+        save_model(target, tok, out / "tiny-target")
+        save_model(draft, tok, out / "tiny-draft")
+    lengths = [int(x) for x in args.eval_lengths.split(",") if x]
+    if lengths:
+        res = evaluate(target, tok, DONE_WHEN_TASKS, lengths, args.eval_samples, draft=draft)
+        print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(train_tiny_main())

@@ -1,0 +1,81 @@
+"""Diagnostics: dense vs itself is exact; a lossy window backend shows errors and partial recall."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from longctx.backends import register_backend
+from longctx.backends.dense import DenseLayer, grouped_attention
+from longctx.config import BackendConfig
+from longctx.diagnostics import compare_backend, format_report, recall_metrics
+from tests.conftest import tiny_model
+
+
+@dataclasses.dataclass
+class _WindowConfig(BackendConfig):
+    window: int = 8
+    offload: bool = False
+
+
+@register_backend("_test_window", _WindowConfig, "test only: attends the last `window` keys")
+class _WindowLayer(DenseLayer):
+    """Attends only the most recent ``window`` keys (a deliberately lossy backend)."""
+
+    def _window_attend(self, q):
+        k, v = self.kv.keys(), self.kv.values()
+        T, S = k.shape[2], q.shape[2]
+        out = grouped_attention(q, k, v, self.ctx.scale, T - S, window=self.config.window)
+        if self.record_attended:
+            qi = torch.arange(S).unsqueeze(1) + (T - S)
+            kj = torch.arange(T).unsqueeze(0)
+            mask = (kj <= qi) & (kj > qi - self.config.window)
+            self.attended = mask.expand(q.shape[0], q.shape[1], S, T)
+        return out
+
+    def prefill(self, q, k, v, positions):
+        super().prefill(q, k, v, positions)
+        return self._window_attend(q)
+
+    def decode(self, q, k, v, positions):
+        self.kv.append(k, v)
+        self._steps += 1
+        return self._window_attend(q)
+
+
+def test_dense_against_itself_is_exact(gen):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=gen)
+    rep = compare_backend(model, ids, "dense", decode_steps=4)
+    assert rep["summary"]["mean_rel_err"] < 1e-6
+    assert rep["summary"]["mean_key_recall"] == 1.0
+    assert rep["summary"]["mean_kl"] < 1e-8
+    assert rep["summary"]["argmax_agreement"] == 1.0
+    assert len(rep["per_layer"]) == 2 and len(rep["per_step"]) == 5
+
+
+def test_lossy_backend_is_detected(gen):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 60), generator=gen)
+    rep = compare_backend(model, ids, "_test_window", {"window": 8}, decode_steps=3, top_k=16)
+    s = rep["summary"]
+    assert s["mean_rel_err"] > 1e-3
+    assert 0.0 < s["mean_key_recall"] < 1.0
+    assert 0.0 < s["mean_mass_recall"] < 1.0
+    assert s["mean_kl"] > 0
+    assert "| _test_window | 0 |" in format_report([rep])
+
+
+def test_recall_metrics_by_hand():
+    probs = torch.tensor([[[[0.5, 0.3, 0.2, 0.0]]]])
+    att = torch.tensor([[[[True, False, True, False]]]])
+    kr, mr = recall_metrics(probs, att, top_k=2)
+    assert kr == pytest.approx(0.5) and mr == pytest.approx(0.7)
+    assert recall_metrics(probs, None, 2) == (1.0, 1.0)
+
+
+def test_bad_input():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"input_ids requires shape \[1, T\]"):
+        compare_backend(model, torch.zeros(2, 5, dtype=torch.long), "dense")
