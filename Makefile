@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 
 # Runs the patching tests against the oldest supported transformers in a separate env.
 test-oldest: $(STAMP)
-	test -x .venv-oldest/bin/python || $(PYTHON) -m venv --system-site-packages .venv-oldest
+	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q "$(TORCH_CPU_SPEC)"
 	.venv-oldest/bin/pip install -q -e ".[test]" "transformers==5.17.*"
 	.venv-oldest/bin/python -m pytest tests/test_patch.py tests/test_models.py -x -q

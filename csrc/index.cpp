@@ -1,5 +1,718 @@
-// Placeholder translation unit replaced by the RetrievalAttention index work.
+// Attention-aware ANNS index for RetrievalAttention (arXiv 2409.10516), built the RoarGraph way
+// (Chen et al., VLDB 2024): the exact query->key kNN lists of a head's prefill queries are projected
+// onto a key-key graph (occlusion pruning + reverse edges), then every key is linked by a key->key
+// search (connectivity enhancement) and unreachable keys are attached to the graph. Decode queries
+// run a best-first beam search from a few entry keys; the number of keys scored is reported.
+//
+// One graph per query head; the G query heads of a GQA group read one shared copy of the keys,
+// which stay owned by Python (a float32 numpy view [Hkv, N, D] passed to every call, any row and
+// head stride), so the host tier holds K once. Work is parallel over graphs (build, add) and over
+// (head, query) pairs (search) with OpenMP; no Python runs inside and the GIL is released.
+//
+// Scores are inner products (maximum inner product search), "closer" = larger q.k.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
 #include "bindings.h"
+
+namespace py = pybind11;
+
 namespace longctx {
-void register_index(pybind11::module_& m) { (void)m; }
+namespace {
+
+constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
+
+// Rows of one key set: row r starts at base + r * stride (floats).
+struct KeySet {
+  const float* base = nullptr;
+  int64_t n = 0;
+  int64_t stride = 0;
+  int64_t dim = 0;
+  const float* row(uint32_t r) const { return base + static_cast<int64_t>(r) * stride; }
+};
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Pull a key row into cache before it is scored: graph search is bound by random memory reads.
+inline void prefetch_row(const float* p, int64_t d) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+struct Cand {
+  float score;
+  uint32_t id;
+};
+// Best first; ties broken by id so duplicates of one id end up adjacent after a sort.
+inline bool better(const Cand& a, const Cand& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
+
+// Epoch-tagged visited set: reset is O(1) except when it grows or the epoch wraps.
+class Visited {
+ public:
+  void reset(size_t n) {
+    if (tag_.size() < n) {
+      tag_.assign(n + n / 4 + 1024, 0);
+      epoch_ = 0;
+    }
+    if (++epoch_ == 0) {
+      std::fill(tag_.begin(), tag_.end(), 0);
+      epoch_ = 1;
+    }
+  }
+  // true if already visited; marks it otherwise
+  bool test_set(uint32_t i) {
+    if (tag_[i] == epoch_) return true;
+    tag_[i] = epoch_;
+    return false;
+  }
+
+ private:
+  std::vector<uint32_t> tag_;
+  uint32_t epoch_ = 0;
+};
+
+// The beam: the best L candidates seen so far, sorted best first, with a cursor on the best
+// candidate not yet expanded (NSG / RoarGraph style).
+class Beam {
+ public:
+  void reset(size_t L) {
+    cap_ = L;
+    c_.clear();
+    done_.clear();
+    cur_ = 0;
+  }
+  // Inserts x if it ranks in the top L; returns its position or size_t(-1).
+  size_t insert(Cand x) {
+    if (c_.size() == cap_ && !better(x, c_.back())) return static_cast<size_t>(-1);
+    size_t pos = std::upper_bound(c_.begin(), c_.end(), x, better) - c_.begin();
+    c_.insert(c_.begin() + pos, x);
+    done_.insert(done_.begin() + pos, 0);
+    if (c_.size() > cap_) {
+      c_.pop_back();
+      done_.pop_back();
+    }
+    return pos;
+  }
+  bool has_next() const { return cur_ < c_.size(); }
+  // Returns the next node to expand and marks it expanded.
+  uint32_t next() {
+    done_[cur_] = 1;
+    return c_[cur_].id;
+  }
+  // Moves the cursor to the best unexpanded candidate, given the best position inserted since.
+  void advance(size_t min_inserted) {
+    if (min_inserted < cur_) cur_ = min_inserted;
+    while (cur_ < c_.size() && done_[cur_]) ++cur_;
+  }
+  const std::vector<Cand>& items() const { return c_; }
+
+ private:
+  std::vector<Cand> c_;
+  std::vector<uint8_t> done_;
+  size_t cap_ = 0;
+  size_t cur_ = 0;
+};
+
+struct Scratch {
+  Visited visited;
+  Beam beam;
+  std::vector<uint32_t> fresh;
+  std::vector<Cand> cands;
+  std::vector<uint32_t> kept;
+  std::vector<uint8_t> taken;
+};
+
+// A proximity graph over one key set: fixed R out-slots per node (flat array), plus entry nodes.
+struct Graph {
+  uint32_t R = 0;
+  uint32_t n = 0;
+  std::vector<uint32_t> adj;  // [n * R]
+  std::vector<uint32_t> deg;  // [n]
+  std::vector<uint32_t> entries;
+
+  void resize(uint32_t n_new) {
+    adj.resize(static_cast<size_t>(n_new) * R, kNone);
+    deg.resize(n_new, 0);
+    n = n_new;
+  }
+  uint32_t* nbrs(uint32_t i) { return adj.data() + static_cast<size_t>(i) * R; }
+  const uint32_t* nbrs(uint32_t i) const { return adj.data() + static_cast<size_t>(i) * R; }
+  size_t nbytes() const {
+    return adj.capacity() * sizeof(uint32_t) + deg.capacity() * sizeof(uint32_t) + entries.capacity() * sizeof(uint32_t);
+  }
+};
+
+// Best-first beam search of width L for the key rows with the largest inner product with q.
+// `skip` (a node id or kNone) is scored and traversed but left out of the beam. Returns the
+// number of keys scored.
+int64_t beam_search(const Graph& g, const KeySet& keys, const float* q, size_t L, uint32_t skip, Scratch& s) {
+  const int64_t D = keys.dim;
+  s.visited.reset(g.n);
+  s.beam.reset(L);
+  int64_t scanned = 0;
+  for (uint32_t e : g.entries) {
+    if (e >= g.n || s.visited.test_set(e)) continue;
+    float sc = dot(q, keys.row(e), D);
+    ++scanned;
+    if (e != skip) s.beam.insert({sc, e});
+  }
+  // the skipped node may be the only entry: start from its neighbours then
+  if (!s.beam.has_next() && skip != kNone && skip < g.n) {
+    const uint32_t* nb = g.nbrs(skip);
+    for (uint32_t j = 0; j < g.deg[skip]; ++j) {
+      if (s.visited.test_set(nb[j])) continue;
+      s.beam.insert({dot(q, keys.row(nb[j]), D), nb[j]});
+      ++scanned;
+    }
+  }
+  s.beam.advance(0);
+  while (s.beam.has_next()) {
+    const uint32_t cur = s.beam.next();
+    const uint32_t* nb = g.nbrs(cur);
+    const uint32_t d = g.deg[cur];
+    s.fresh.clear();
+    for (uint32_t j = 0; j < d; ++j) {
+      if (!s.visited.test_set(nb[j])) s.fresh.push_back(nb[j]);
+    }
+    const size_t m = s.fresh.size();
+    // keep two rows in flight ahead of the one being scored
+    for (size_t j = 0; j < m && j < 2; ++j) prefetch_row(keys.row(s.fresh[j]), D);
+    size_t min_pos = static_cast<size_t>(-1);
+    for (size_t j = 0; j < m; ++j) {
+      if (j + 2 < m) prefetch_row(keys.row(s.fresh[j + 2]), D);
+      const uint32_t id = s.fresh[j];
+      const float sc = dot(q, keys.row(id), D);
+      ++scanned;
+      if (id == skip) continue;
+      const size_t pos = s.beam.insert({sc, id});
+      if (pos < min_pos) min_pos = pos;
+    }
+    s.beam.advance(min_pos);
+  }
+  return scanned;
+}
+
+// Occlusion pruning with inner products (RoarGraph's rule): candidates are sorted by their
+// score with node x, best first; c is dropped when an already kept r is closer to it than x is
+// (<c, r> > <c, x>). With `fill`, dropped candidates top the list up to R in score order.
+void prune(const KeySet& keys, uint32_t x, std::vector<Cand>& cands, uint32_t R, bool fill, Scratch& s) {
+  const int64_t D = keys.dim;
+  std::sort(cands.begin(), cands.end(), better);
+  size_t w = 0;
+  for (size_t i = 0; i < cands.size(); ++i) {
+    if (cands[i].id == x || (w > 0 && cands[w - 1].id == cands[i].id)) continue;
+    cands[w++] = cands[i];
+  }
+  cands.resize(w);
+  s.kept.clear();
+  s.taken.assign(cands.size(), 0);
+  for (size_t i = 0; i < cands.size() && s.kept.size() < R; ++i) {
+    const float* c = keys.row(cands[i].id);
+    bool occluded = false;
+    for (uint32_t r : s.kept) {
+      if (dot(c, keys.row(r), D) > cands[i].score) {
+        occluded = true;
+        break;
+      }
+    }
+    if (!occluded) {
+      s.kept.push_back(cands[i].id);
+      s.taken[i] = 1;
+    }
+  }
+  if (fill) {
+    for (size_t i = 0; i < cands.size() && s.kept.size() < R; ++i) {
+      if (!s.taken[i]) s.kept.push_back(cands[i].id);
+    }
+  }
+}
+
+// Adds the edge y -> x. A full list is re-pruned without fill, which leaves free slots behind
+// so that later reverse edges are cheap. Returns whether x is in y's list afterwards.
+bool add_reverse(Graph& g, const KeySet& keys, uint32_t y, uint32_t x, Scratch& s) {
+  uint32_t* nb = g.nbrs(y);
+  uint32_t& d = g.deg[y];
+  for (uint32_t j = 0; j < d; ++j) {
+    if (nb[j] == x) return true;
+  }
+  if (d < g.R) {
+    nb[d++] = x;
+    return true;
+  }
+  const float* yr = keys.row(y);
+  s.cands.clear();
+  for (uint32_t j = 0; j < d; ++j) s.cands.push_back({dot(yr, keys.row(nb[j]), keys.dim), nb[j]});
+  s.cands.push_back({dot(yr, keys.row(x), keys.dim), x});
+  prune(keys, y, s.cands, g.R, false, s);
+  d = static_cast<uint32_t>(s.kept.size());
+  std::copy(s.kept.begin(), s.kept.end(), nb);
+  return std::find(s.kept.begin(), s.kept.end(), x) != s.kept.end();
+}
+
+// Forces an edge y -> x, taking y's last slot when y is full (used to keep x reachable).
+void force_edge(Graph& g, uint32_t y, uint32_t x) {
+  uint32_t* nb = g.nbrs(y);
+  uint32_t& d = g.deg[y];
+  for (uint32_t j = 0; j < d; ++j) {
+    if (nb[j] == x) return;
+  }
+  if (d < g.R) {
+    nb[d++] = x;
+  } else {
+    nb[g.R - 1] = x;
+  }
+}
+
+// Sets x's out-list to prune(existing ∪ cands) and adds the reverse edges. `cands` holds scores
+// relative to x. Returns whether some node links back to x.
+bool connect(Graph& g, const KeySet& keys, uint32_t x, std::vector<Cand>& cands, bool fill, Scratch& s) {
+  const float* xr = keys.row(x);
+  uint32_t* nb = g.nbrs(x);
+  for (uint32_t j = 0; j < g.deg[x]; ++j) cands.push_back({dot(xr, keys.row(nb[j]), keys.dim), nb[j]});
+  prune(keys, x, cands, g.R, fill, s);
+  std::vector<uint32_t> out(s.kept);  // s.kept is reused by add_reverse
+  g.deg[x] = static_cast<uint32_t>(out.size());
+  std::copy(out.begin(), out.end(), nb);
+  bool linked = false;
+  for (uint32_t y : out) linked = add_reverse(g, keys, y, x, s) || linked;
+  return linked;
+}
+
+// Links node x (already a row of `keys`) into the graph by a key->key search of width L.
+void insert_node(Graph& g, const KeySet& keys, uint32_t x, size_t L, Scratch& s) {
+  if (g.entries.empty()) {
+    g.entries.push_back(x);
+    return;
+  }
+  beam_search(g, keys, keys.row(x), L, x, s);
+  std::vector<Cand> cands(s.beam.items());
+  bool linked = connect(g, keys, x, cands, true, s);
+  if (!linked && !cands.empty()) force_edge(g, cands.front().id, x);
+}
+
+// Makes every node reachable from the entries: BFS, then each unreached node is attached under
+// the best reached node with a free slot found by a search (NSG's tree repair).
+int64_t repair_reachability(Graph& g, const KeySet& keys, size_t L, Scratch& s) {
+  if (g.n == 0) return 0;
+  if (g.entries.empty()) g.entries.push_back(0);
+  std::vector<uint8_t> seen(g.n, 0);
+  std::vector<uint32_t> queue;
+  queue.reserve(g.n);
+  auto bfs_from = [&](uint32_t start) {
+    if (seen[start]) return;
+    seen[start] = 1;
+    size_t head = queue.size();
+    queue.push_back(start);
+    while (head < queue.size()) {
+      uint32_t u = queue[head++];
+      const uint32_t* nb = g.nbrs(u);
+      for (uint32_t j = 0; j < g.deg[u]; ++j) {
+        if (!seen[nb[j]]) {
+          seen[nb[j]] = 1;
+          queue.push_back(nb[j]);
+        }
+      }
+    }
+  };
+  for (uint32_t e : g.entries) bfs_from(e);
+  int64_t attached = 0;
+  for (uint32_t u = 0; u < g.n; ++u) {
+    if (seen[u]) continue;
+    beam_search(g, keys, keys.row(u), L, u, s);
+    uint32_t parent = kNone;
+    for (const Cand& c : s.beam.items()) {
+      if (seen[c.id] && g.deg[c.id] < g.R) {
+        parent = c.id;
+        break;
+      }
+    }
+    if (parent == kNone) {
+      for (const Cand& c : s.beam.items()) {
+        if (seen[c.id]) {
+          parent = c.id;
+          break;
+        }
+      }
+    }
+    if (parent == kNone) parent = g.entries.front();
+    force_edge(g, parent, u);
+    bfs_from(u);
+    ++attached;
+  }
+  return attached;
+}
+
+struct BuildStats {
+  int64_t attached = 0;
+};
+
+class GraphIndex {
+ public:
+  GraphIndex(int num_graphs, int group_size, int dim, int degree, int build_ef)
+      : num_graphs_(num_graphs), group_size_(group_size), dim_(dim), degree_(degree), build_ef_(build_ef) {
+    if (num_graphs <= 0 || group_size <= 0 || num_graphs % group_size)
+      throw std::invalid_argument("GraphIndex requires num_graphs > 0 divisible by group_size > 0 (got " +
+                                  std::to_string(num_graphs) + ", " + std::to_string(group_size) + ")");
+    if (dim <= 0) throw std::invalid_argument("GraphIndex requires dim > 0 (got " + std::to_string(dim) + ")");
+    if (degree < 2) throw std::invalid_argument("GraphIndex requires degree >= 2 (got " + std::to_string(degree) + ")");
+    if (build_ef < 1) throw std::invalid_argument("GraphIndex requires build_ef >= 1 (got " + std::to_string(build_ef) + ")");
+    graphs_.resize(num_graphs);
+    for (auto& g : graphs_) g.R = static_cast<uint32_t>(degree);
+  }
+
+  // keys: [Hkv, N, D] float32; knn: [H, Nq, Kq] int32 (exact top-Kq keys of each training query,
+  // best first, -1 = none), may have Nq = 0 (then the graph is built by insertion alone).
+  void build(const py::array& keys, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& knn,
+             int num_entry, int num_threads) {
+    std::vector<KeySet> sets = key_sets(keys);
+    const int64_t n = sets[0].n;
+    if (knn.ndim() != 3 || knn.shape(0) != num_graphs_)
+      throw std::invalid_argument("GraphIndex.build requires knn of shape [H=" + std::to_string(num_graphs_) +
+                                  ", Nq, Kq]");
+    if (n > static_cast<int64_t>(kNone) - 1) throw std::invalid_argument("GraphIndex supports fewer than 2^32 - 1 keys");
+    const int64_t nq = knn.shape(1), kq = knn.shape(2);
+    const int32_t* knn_ptr = knn.data();
+    {
+      py::gil_scoped_release release;
+      ensure_scratch();
+      int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+      std::vector<int64_t> attached(num_graphs_, 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int h = 0; h < num_graphs_; ++h) {
+        Scratch& s = scratch_[omp_get_thread_num()];
+        const KeySet& ks = sets[h / group_size_];
+        Graph& g = graphs_[h];
+        g.adj.clear();
+        g.deg.clear();
+        g.entries.clear();
+        g.resize(static_cast<uint32_t>(n));
+        if (n == 0) continue;
+        const int32_t* lists = knn_ptr + static_cast<int64_t>(h) * nq * kq;
+        choose_entries(g, ks, lists, nq, kq, num_entry);
+        // 1. projection: link each training query's top-1 key to its other neighbours
+        for (int64_t i = 0; i < nq; ++i) {
+          const int32_t* row = lists + i * kq;
+          if (row[0] < 0 || row[0] >= n) continue;
+          const uint32_t pivot = static_cast<uint32_t>(row[0]);
+          s.cands.clear();
+          const float* pr = ks.row(pivot);
+          for (int64_t j = 1; j < kq; ++j) {
+            if (row[j] < 0 || row[j] >= n) continue;
+            s.cands.push_back({dot(pr, ks.row(row[j]), ks.dim), static_cast<uint32_t>(row[j])});
+          }
+          std::vector<Cand> cands(s.cands);
+          connect(g, ks, pivot, cands, true, s);
+        }
+        // 2. connectivity enhancement: link every key by a key->key search
+        for (uint32_t x = 0; x < g.n; ++x) {
+          insert_node(g, ks, x, static_cast<size_t>(build_ef_), s);
+        }
+        // 3. every key reachable from the entries
+        attached[h] = repair_reachability(g, ks, static_cast<size_t>(build_ef_), s);
+      }
+      last_attached_ = 0;
+      for (auto a : attached) last_attached_ += a;
+    }
+  }
+
+  // Inserts rows [n_keys, N) of keys (N = keys.shape[1]) into every graph.
+  void add(const py::array& keys, int num_threads) {
+    std::vector<KeySet> sets = key_sets(keys);
+    const int64_t n = sets[0].n;
+    if (n < n_keys()) throw std::invalid_argument("GraphIndex.add requires at least n_keys rows (use truncate to drop keys)");
+    if (n == n_keys()) return;
+    py::gil_scoped_release release;
+    ensure_scratch();
+    int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int h = 0; h < num_graphs_; ++h) {
+      Scratch& s = scratch_[omp_get_thread_num()];
+      Graph& g = graphs_[h];
+      const KeySet& ks = sets[h / group_size_];
+      const uint32_t start = g.n;
+      g.resize(static_cast<uint32_t>(n));
+      for (uint32_t x = start; x < g.n; ++x) insert_node(g, ks, x, static_cast<size_t>(build_ef_), s);
+    }
+  }
+
+  // queries: [H, S, D]. Returns (ids [H, S, k] int64 best first, -1 padded; scanned [H, S] int64).
+  py::tuple search(const py::array& keys, const py::array_t<float, py::array::c_style | py::array::forcecast>& queries,
+                   int k, int ef, int num_threads) {
+    std::vector<KeySet> sets = key_sets(keys);
+    if (sets[0].n != n_keys())
+      throw std::invalid_argument("GraphIndex.search requires keys with n_keys=" + std::to_string(n_keys()) +
+                                  " rows (got " + std::to_string(sets[0].n) + ")");
+    if (k <= 0) throw std::invalid_argument("GraphIndex.search requires k > 0 (got " + std::to_string(k) + ")");
+    if (queries.ndim() != 3 || queries.shape(0) != num_graphs_ || queries.shape(2) != dim_)
+      throw std::invalid_argument("GraphIndex.search requires queries of shape [H=" + std::to_string(num_graphs_) +
+                                  ", S, D=" + std::to_string(dim_) + "]");
+    const int64_t S = queries.shape(1);
+    const int64_t n = sets[0].n;
+    py::array_t<int64_t> ids({static_cast<int64_t>(num_graphs_), S, static_cast<int64_t>(k)});
+    py::array_t<int64_t> scanned({static_cast<int64_t>(num_graphs_), S});
+    int64_t* ids_ptr = ids.mutable_data();
+    int64_t* scan_ptr = scanned.mutable_data();
+    const float* q_ptr = queries.data();
+    const size_t L = static_cast<size_t>(std::max(ef, k));
+    {
+      py::gil_scoped_release release;
+      ensure_scratch();
+      int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+      const int64_t total = static_cast<int64_t>(num_graphs_) * S;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t t = 0; t < total; ++t) {
+        const int h = static_cast<int>(t / S);
+        Scratch& s = scratch_[omp_get_thread_num()];
+        const KeySet& ks = sets[h / group_size_];
+        const float* q = q_ptr + t * dim_;
+        int64_t* out = ids_ptr + t * k;
+        std::fill(out, out + k, -1);
+        if (n == 0) {
+          scan_ptr[t] = 0;
+          continue;
+        }
+        if (static_cast<int64_t>(L) >= n) {
+          // the beam would hold every key: score them all (exact)
+          s.cands.resize(n);
+          for (int64_t i = 0; i < n; ++i) s.cands[i] = {dot(q, ks.row(static_cast<uint32_t>(i)), dim_), static_cast<uint32_t>(i)};
+          const int64_t m = std::min<int64_t>(k, n);
+          std::partial_sort(s.cands.begin(), s.cands.begin() + m, s.cands.end(), better);
+          for (int64_t i = 0; i < m; ++i) out[i] = s.cands[i].id;
+          scan_ptr[t] = n;
+          continue;
+        }
+        scan_ptr[t] = beam_search(graphs_[h], ks, q, L, kNone, s);
+        const auto& items = s.beam.items();
+        const size_t m = std::min<size_t>(static_cast<size_t>(k), items.size());
+        for (size_t i = 0; i < m; ++i) out[i] = items[i].id;
+      }
+    }
+    return py::make_tuple(ids, scanned);
+  }
+
+  // Drops keys [n, n_keys) and every edge to them (rollback of inserted tokens).
+  void truncate(int64_t n) {
+    if (n < 0 || n > n_keys())
+      throw std::invalid_argument("GraphIndex.truncate requires 0 <= n <= n_keys=" + std::to_string(n_keys()) +
+                                  " (got " + std::to_string(n) + ")");
+    const uint32_t m = static_cast<uint32_t>(n);
+    py::gil_scoped_release release;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int h = 0; h < num_graphs_; ++h) {
+      Graph& g = graphs_[h];
+      g.resize(m);
+      for (uint32_t i = 0; i < m; ++i) {
+        uint32_t* nb = g.nbrs(i);
+        uint32_t w = 0;
+        for (uint32_t j = 0; j < g.deg[i]; ++j) {
+          if (nb[j] < m) nb[w++] = nb[j];
+        }
+        g.deg[i] = w;
+      }
+      std::vector<uint32_t> kept;
+      for (uint32_t e : g.entries) {
+        if (e < m) kept.push_back(e);
+      }
+      if (kept.empty() && m > 0) kept.push_back(0);
+      g.entries = kept;
+    }
+  }
+
+  int64_t n_keys() const { return graphs_.empty() ? 0 : graphs_[0].n; }
+
+  int64_t nbytes() const {
+    int64_t total = 0;
+    for (const auto& g : graphs_) total += static_cast<int64_t>(g.nbytes());
+    return total;
+  }
+
+  // Out-degree of every node: [H, N] int64 (tests, stats).
+  py::array_t<int64_t> degrees() const {
+    const int64_t n = n_keys();
+    py::array_t<int64_t> out({static_cast<int64_t>(num_graphs_), n});
+    int64_t* p = out.mutable_data();
+    for (int h = 0; h < num_graphs_; ++h)
+      for (int64_t i = 0; i < n; ++i) p[h * n + i] = graphs_[h].deg[i];
+    return out;
+  }
+
+  py::array_t<int64_t> neighbors(int h, int64_t i) const {
+    check_graph(h);
+    const Graph& g = graphs_[h];
+    if (i < 0 || i >= g.n) throw std::out_of_range("GraphIndex.neighbors: node out of range");
+    py::array_t<int64_t> out(static_cast<int64_t>(g.deg[i]));
+    int64_t* p = out.mutable_data();
+    for (uint32_t j = 0; j < g.deg[i]; ++j) p[j] = g.nbrs(static_cast<uint32_t>(i))[j];
+    return out;
+  }
+
+  py::array_t<int64_t> entries(int h) const {
+    check_graph(h);
+    const auto& e = graphs_[h].entries;
+    py::array_t<int64_t> out(static_cast<int64_t>(e.size()));
+    std::copy(e.begin(), e.end(), out.mutable_data());
+    return out;
+  }
+
+  // Nodes reachable from the entries of graph h (tests).
+  int64_t reachable(int h) const {
+    check_graph(h);
+    const Graph& g = graphs_[h];
+    std::vector<uint8_t> seen(g.n, 0);
+    std::vector<uint32_t> queue;
+    for (uint32_t e : g.entries) {
+      if (e < g.n && !seen[e]) {
+        seen[e] = 1;
+        queue.push_back(e);
+      }
+    }
+    for (size_t head = 0; head < queue.size(); ++head) {
+      const uint32_t* nb = g.nbrs(queue[head]);
+      for (uint32_t j = 0; j < g.deg[queue[head]]; ++j) {
+        if (!seen[nb[j]]) {
+          seen[nb[j]] = 1;
+          queue.push_back(nb[j]);
+        }
+      }
+    }
+    return static_cast<int64_t>(queue.size());
+  }
+
+  int64_t last_attached() const { return last_attached_; }
+  int num_graphs() const { return num_graphs_; }
+  int group_size() const { return group_size_; }
+  int dim() const { return dim_; }
+  int degree() const { return degree_; }
+  int build_ef() const { return build_ef_; }
+
+ private:
+  void check_graph(int h) const {
+    if (h < 0 || h >= num_graphs_) throw std::out_of_range("GraphIndex: graph index out of range");
+  }
+
+  // Validates a [Hkv, N, D] float32 buffer (any head/row stride, contiguous rows).
+  std::vector<KeySet> key_sets(const py::array& keys) const {
+    if (keys.dtype().kind() != 'f' || keys.itemsize() != 4)
+      throw std::invalid_argument("GraphIndex requires float32 keys");
+    if (keys.ndim() != 3 || keys.shape(0) != num_graphs_ / group_size_ || keys.shape(2) != dim_)
+      throw std::invalid_argument("GraphIndex requires keys of shape [Hkv=" + std::to_string(num_graphs_ / group_size_) +
+                                  ", N, D=" + std::to_string(dim_) + "]");
+    if (keys.strides(2) != static_cast<py::ssize_t>(sizeof(float)) || keys.strides(1) % sizeof(float) ||
+        keys.strides(0) % sizeof(float))
+      throw std::invalid_argument("GraphIndex requires keys with contiguous rows (last stride 4 bytes)");
+    std::vector<KeySet> sets(keys.shape(0));
+    const float* base = static_cast<const float*>(keys.data());
+    for (py::ssize_t i = 0; i < keys.shape(0); ++i) {
+      sets[i].base = base + i * (keys.strides(0) / static_cast<py::ssize_t>(sizeof(float)));
+      sets[i].n = keys.shape(1);
+      sets[i].stride = keys.strides(1) / static_cast<py::ssize_t>(sizeof(float));
+      sets[i].dim = dim_;
+    }
+    return sets;
+  }
+
+  // Entries: the key nearest the key centroid, plus the keys that are most often a training
+  // query's top-1 (where decode queries are likely to land).
+  void choose_entries(Graph& g, const KeySet& ks, const int32_t* lists, int64_t nq, int64_t kq, int num_entry) {
+    const int64_t n = ks.n;
+    const int64_t D = ks.dim;
+    std::vector<double> centroid(D, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* r = ks.row(static_cast<uint32_t>(i));
+      for (int64_t d = 0; d < D; ++d) centroid[d] += r[d];
+    }
+    std::vector<float> c(D);
+    for (int64_t d = 0; d < D; ++d) c[d] = static_cast<float>(centroid[d] / static_cast<double>(n));
+    uint32_t best = 0;
+    float best_dist = std::numeric_limits<float>::max();
+    for (int64_t i = 0; i < n; ++i) {
+      const float* r = ks.row(static_cast<uint32_t>(i));
+      float dist = 0.f;
+#pragma omp simd reduction(+ : dist)
+      for (int64_t d = 0; d < D; ++d) dist += (r[d] - c[d]) * (r[d] - c[d]);
+      if (dist < best_dist) {
+        best_dist = dist;
+        best = static_cast<uint32_t>(i);
+      }
+    }
+    g.entries.push_back(best);
+    if (nq == 0 || num_entry <= 1) return;
+    std::vector<std::pair<int32_t, uint32_t>> counts;
+    {
+      std::vector<int32_t> hits(n, 0);
+      for (int64_t i = 0; i < nq; ++i) {
+        int32_t top = lists[i * kq];
+        if (top >= 0 && top < n) ++hits[top];
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        if (hits[i] > 0) counts.push_back({hits[i], static_cast<uint32_t>(i)});
+      }
+    }
+    const size_t want = std::min(counts.size(), static_cast<size_t>(num_entry - 1));
+    std::partial_sort(counts.begin(), counts.begin() + want, counts.end(),
+                      [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    for (size_t i = 0; i < want; ++i) {
+      if (counts[i].second != best) g.entries.push_back(counts[i].second);
+    }
+  }
+
+  void ensure_scratch() {
+    const size_t want = static_cast<size_t>(std::max(omp_get_max_threads(), omp_get_num_procs()));
+    if (scratch_.size() < want) scratch_.resize(want);
+  }
+
+  int num_graphs_, group_size_, dim_, degree_, build_ef_;
+  std::vector<Graph> graphs_;
+  std::vector<Scratch> scratch_;
+  int64_t last_attached_ = 0;
+};
+
+}  // namespace
+
+void register_index(py::module_& m) {
+  using namespace pybind11::literals;
+  py::class_<GraphIndex>(m, "GraphIndex", R"doc(
+Attention-aware graph index (RoarGraph-style) over the offloaded keys of one sequence.
+
+One graph per query head (H = num_graphs); query head h searches key set h // group_size.
+Keys are passed to every call as a float32 array [Hkv, N, D] (rows contiguous, any head/row
+stride) and are never copied.
+)doc")
+      .def(py::init<int, int, int, int, int>(), "num_graphs"_a, "group_size"_a, "dim"_a, "degree"_a = 32,
+           "build_ef"_a = 64)
+      .def("build", &GraphIndex::build, "keys"_a, "knn"_a, "num_entry"_a = 4, "num_threads"_a = 0,
+           "Build every graph from keys [Hkv, N, D] and the training queries' exact kNN lists knn [H, Nq, Kq] int32.")
+      .def("add", &GraphIndex::add, "keys"_a, "num_threads"_a = 0,
+           "Insert rows [n_keys, N) of keys [Hkv, N, D] into every graph.")
+      .def("search", &GraphIndex::search, "keys"_a, "queries"_a, "k"_a, "ef"_a, "num_threads"_a = 0,
+           "Beam search: queries [H, S, D] -> (ids [H, S, k] int64 best first, -1 padded; scanned [H, S] int64).")
+      .def("truncate", &GraphIndex::truncate, "n_keys"_a, "Drop keys [n_keys, N) and their edges.")
+      .def("nbytes", &GraphIndex::nbytes)
+      .def("degrees", &GraphIndex::degrees)
+      .def("neighbors", &GraphIndex::neighbors, "graph"_a, "node"_a)
+      .def("entries", &GraphIndex::entries, "graph"_a)
+      .def("reachable", &GraphIndex::reachable, "graph"_a)
+      .def_property_readonly("n_keys", &GraphIndex::n_keys)
+      .def_property_readonly("last_attached", &GraphIndex::last_attached)
+      .def_property_readonly("num_graphs", &GraphIndex::num_graphs)
+      .def_property_readonly("group_size", &GraphIndex::group_size)
+      .def_property_readonly("dim", &GraphIndex::dim)
+      .def_property_readonly("degree", &GraphIndex::degree)
+      .def_property_readonly("build_ef", &GraphIndex::build_ef);
+}
+
 }  // namespace longctx

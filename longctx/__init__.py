@@ -9,6 +9,7 @@
 from longctx.backends import BackendLayer, LayerContext, get_backend, list_backends, make_layer, register_backend
 from longctx.cache import LongCtxCache
 from longctx.config import BackendConfig, DenseConfig
+from longctx.config import HiPConfig
 from longctx.models import SUPPORTED_MODEL_TYPES, RotaryHelper
 from longctx.patch import PatchHandle, patch
 
@@ -25,6 +26,7 @@ __all__ = [
     "LayerContext",
     "BackendConfig",
     "DenseConfig",
+    "HiPConfig",
     "RotaryHelper",
     "SUPPORTED_MODEL_TYPES",
 ]

@@ -93,6 +93,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    from longctx.tiny import train_tiny_main
+
+    return int(train_tiny_main(args.rest) or 0)
+
+
 def _mount_optional(sub, module: str, attr: str) -> None:
     """Mount a subcommand that lives in an optional module (eval harness, training, demo)."""
     try:
@@ -142,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_diagnose)
 
     _mount_optional(sub, "longctx.eval.cli", "add_eval_subparser")
-    _mount_optional(sub, "longctx.tiny", "add_train_subparser")
+    t = sub.add_parser("train-tiny", help="train the bundled tiny target/draft models (see longctx/tiny.py)",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the training script (--help for them)")
+    t.set_defaults(func=cmd_train_tiny)
     _mount_optional(sub, "longctx.eval.demo", "add_demo_subparser")
     return p
 

@@ -87,11 +87,11 @@ CHAT_TEMPLATE = (
 # Synthetic prose (the stand-in essay haystack; NOT Paul Graham's essays)
 # ---------------------------------------------------------------------------------------------
 _SUBJECTS = (
-    "the founder the team the company the investor the programmer the writer the student the city the market "
-    "the product the user the startup the teacher the scientist the engineer the reader the customer the manager "
-    "most people a good idea a small group the best work the old system a new language every project the problem "
-    "the research the design the school the book the question the answer the crowd the committee the editor"
-).split(" the ")
+    "the founder|the team|the company|the investor|the programmer|the writer|the student|the city|the market|"
+    "the product|the user|the startup|the teacher|the scientist|the engineer|the reader|the customer|the manager|"
+    "most people|a good idea|a small group|the best work|the old system|a new language|every project|the problem|"
+    "the research|the design|the school|the book|the question|the answer|the crowd|the committee|the editor"
+).split("|")
 _VERBS = (
     "builds|changes|explains|discovers|ignores|follows|solves|makes|needs|wants|finds|learns|measures|writes|reads|"
     "questions|improves|notices|protects|tests|chooses|describes|creates|avoids|remembers|considers|shapes|funds"
@@ -139,9 +139,7 @@ def _sentence(rng: random.Random) -> str:
     parts = []
     if rng.random() < 0.35:
         parts.append(rng.choice(_OPENERS))
-    subj = rng.choice(_SUBJECTS).strip()
-    subj = subj if subj.startswith(("the ", "a ", "most", "every")) else "the " + subj
-    parts += [subj, rng.choice(_VERBS), rng.choice(_OBJECTS)]
+    parts += [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)]
     if rng.random() < 0.5:
         parts.append(rng.choice(_ADVERBIALS))
     if rng.random() < 0.3:
@@ -192,10 +190,22 @@ def _split_sentences(words: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # RULER-shaped samples
 # ---------------------------------------------------------------------------------------------
+def _wordlist(name: str, fallback: Sequence[str]) -> list[str]:
+    path = PACKAGE_DIR.parent / "eval" / "data" / f"wonderwords_{name}list.txt"
+    if path.exists():
+        return [w.strip() for w in path.read_text().splitlines() if w.strip()]
+    return list(fallback)
+
+
+_KEY_ADJ = _wordlist("adjective", _ADJECTIVES)
+_KEY_NOUN = _wordlist("noun", _NOUNS)
+
+
 def random_key(rng: random.Random) -> str:
-    """A RULER-like word key ``adjective-noun`` (real or pseudo words, so every spelling is seen)."""
-    a = rng.choice(_ADJECTIVES) if rng.random() < 0.5 else _pseudo_word(rng)
-    b = rng.choice(_NOUNS) if rng.random() < 0.5 else _pseudo_word(rng)
+    """A RULER-like word key ``adjective-noun``: wonderwords words (RULER's lists, vendored in
+    eval/data) 85% of the time, pseudo-words otherwise so that any spelling is seen."""
+    a = rng.choice(_KEY_ADJ) if rng.random() < 0.85 else _pseudo_word(rng)
+    b = rng.choice(_KEY_NOUN) if rng.random() < 0.85 else _pseudo_word(rng)
     return f"{a}-{b}"
 
 
@@ -327,7 +337,7 @@ def vt_sample(rng: random.Random, n_lines: int, num_hops: int = 4) -> Sample:
             names.append(name)
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
-    sents = [NOISE_LINE] * n_lines
+    sents = [NOISE_LINE] * max(n_lines, num_hops + 1)
     positions = sorted(rng.sample(range(len(sents)), len(chain)))
     for j, pos in enumerate(positions):
         sents.insert(pos + j, chain[j])
@@ -450,7 +460,7 @@ TRAIN_MIX = [
     ("niah_multikey_2", 2.5), ("niah_multikey_3", 2.5), ("niah_multivalue", 2.5), ("niah_multiquery", 2.5),
     ("vt", 0.5), ("copy", 1.0),
 ]
-_UNIT_TOKENS = {"noise": 25.0, "needle_numbers": 22.0, "needle_uuids": 60.0, "essay": 1.25, "vt": 25.0}
+_UNIT_TOKENS = {"noise": 25.0, "needle_numbers": 30.0, "needle_uuids": 88.0, "essay": 1.35, "vt": 25.0}
 
 
 class SampleStream:
