@@ -21,6 +21,14 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+#include <chrono>
+#include <cstdio>
+static thread_local long long g_dots=0;
+#include <cstdlib>
+static bool envb(const char* n, bool d){ const char* v=getenv(n); return v? atoi(v)!=0 : d; }
+static int envi(const char* n, int d){ const char* v=getenv(n); return v? atoi(v) : d; }
+static bool FILL_INSERT_V = envb("LC_FILL", false);
+#define FILL_INSERT FILL_INSERT_V
 
 #include "bindings.h"
 
@@ -41,11 +49,20 @@ struct KeySet {
 };
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float s = 0.f;
+  float s = 0.f; ++g_dots;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
   return s;
 }
+
+inline float l2(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float s = 0.f; ++g_dots;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += (a[i] - b[i]) * (a[i] - b[i]);
+  return s;
+}
+static bool PRUNE_L2_V = envb("LC_L2", false);
+#define PRUNE_L2 PRUNE_L2_V
 
 // Pull a key row into cache before it is scored: graph search is bound by random memory reads.
 inline void prefetch_row(const float* p, int64_t d) {
@@ -132,17 +149,17 @@ struct Scratch {
   Beam beam;
   std::vector<uint32_t> fresh;
   std::vector<Cand> cands;
+  std::vector<Cand> work;
   std::vector<uint32_t> kept;
   std::vector<uint8_t> taken;
 };
 
-// A proximity graph over one key set: fixed R out-slots per node (flat array), plus entry nodes.
-struct Graph {
+// Fixed-slot adjacency: up to R out-neighbours per node in one flat array.
+struct Adjacency {
   uint32_t R = 0;
   uint32_t n = 0;
   std::vector<uint32_t> adj;  // [n * R]
   std::vector<uint32_t> deg;  // [n]
-  std::vector<uint32_t> entries;
 
   void resize(uint32_t n_new) {
     adj.resize(static_cast<size_t>(n_new) * R, kNone);
@@ -151,43 +168,90 @@ struct Graph {
   }
   uint32_t* nbrs(uint32_t i) { return adj.data() + static_cast<size_t>(i) * R; }
   const uint32_t* nbrs(uint32_t i) const { return adj.data() + static_cast<size_t>(i) * R; }
-  size_t nbytes() const {
-    return adj.capacity() * sizeof(uint32_t) + deg.capacity() * sizeof(uint32_t) + entries.capacity() * sizeof(uint32_t);
+  // drops nodes >= m and every edge to them
+  void truncate(uint32_t m) {
+    resize(m);
+    for (uint32_t i = 0; i < m; ++i) {
+      uint32_t* nb = nbrs(i);
+      uint32_t w = 0;
+      for (uint32_t j = 0; j < deg[i]; ++j) {
+        if (nb[j] < m) nb[w++] = nb[j];
+      }
+      deg[i] = w;
+    }
   }
+  size_t nbytes() const { return (adj.capacity() + deg.capacity()) * sizeof(uint32_t); }
 };
 
-// Best-first beam search of width L for the key rows with the largest inner product with q.
-// `skip` (a node id or kNone) is scored and traversed but left out of the beam. Returns the
-// number of keys scored.
-int64_t beam_search(const Graph& g, const KeySet& keys, const float* q, size_t L, uint32_t skip, Scratch& s) {
+// Compressed rows: the projection edges, fixed once built (keys inserted later get none).
+struct Csr {
+  std::vector<uint64_t> off{0};  // [n + 1]
+  std::vector<uint32_t> edges;
+
+  uint32_t n() const { return static_cast<uint32_t>(off.size() - 1); }
+  const uint32_t* row(uint32_t i, uint32_t& d) const {
+    if (i >= n()) {
+      d = 0;
+      return nullptr;
+    }
+    d = static_cast<uint32_t>(off[i + 1] - off[i]);
+    return edges.data() + off[i];
+  }
+  void assign(const Adjacency& a) {
+    off.assign(1, 0);
+    edges.clear();
+    size_t total = 0;
+    for (uint32_t i = 0; i < a.n; ++i) total += a.deg[i];
+    edges.reserve(total);
+    off.reserve(static_cast<size_t>(a.n) + 1);
+    for (uint32_t i = 0; i < a.n; ++i) {
+      edges.insert(edges.end(), a.nbrs(i), a.nbrs(i) + a.deg[i]);
+      off.push_back(edges.size());
+    }
+  }
+  void extend(uint32_t n_new) {
+    while (n() < n_new) off.push_back(edges.size());
+  }
+  void truncate(uint32_t m) {
+    std::vector<uint64_t> o{0};
+    std::vector<uint32_t> e;
+    for (uint32_t i = 0; i < std::min(m, n()); ++i) {
+      for (uint64_t j = off[i]; j < off[i + 1]; ++j) {
+        if (edges[j] < m) e.push_back(edges[j]);
+      }
+      o.push_back(e.size());
+    }
+    off.swap(o);
+    edges.swap(e);
+    extend(m);
+  }
+  size_t nbytes() const { return off.capacity() * sizeof(uint64_t) + edges.capacity() * sizeof(uint32_t); }
+};
+
+// How a layer prunes candidate lists: occlusion measured by L2 or by inner product, and
+// whether dropped candidates top the list up to R.
+struct PruneRule {
+  bool l2;
+  bool fill;
+};
+
+// What one search walks: the key-key base layer of the KV head, optionally a query head's
+// projection edges, from a set of entry keys.
+struct GraphView {
+  const Adjacency* base;
+  const Csr* proj;
+  const std::vector<uint32_t>* entries;
+  uint32_t n;
+};
+
+// Best-first beam search of width L for the keys with the largest inner product with q.
+// `skip` (a node id or kNone) is traversed but left out of the beam. Returns the keys scored.
+int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size_t L, uint32_t skip, Scratch& s) {
   const int64_t D = keys.dim;
   s.visited.reset(g.n);
   s.beam.reset(L);
   int64_t scanned = 0;
-  for (uint32_t e : g.entries) {
-    if (e >= g.n || s.visited.test_set(e)) continue;
-    float sc = dot(q, keys.row(e), D);
-    ++scanned;
-    if (e != skip) s.beam.insert({sc, e});
-  }
-  // the skipped node may be the only entry: start from its neighbours then
-  if (!s.beam.has_next() && skip != kNone && skip < g.n) {
-    const uint32_t* nb = g.nbrs(skip);
-    for (uint32_t j = 0; j < g.deg[skip]; ++j) {
-      if (s.visited.test_set(nb[j])) continue;
-      s.beam.insert({dot(q, keys.row(nb[j]), D), nb[j]});
-      ++scanned;
-    }
-  }
-  s.beam.advance(0);
-  while (s.beam.has_next()) {
-    const uint32_t cur = s.beam.next();
-    const uint32_t* nb = g.nbrs(cur);
-    const uint32_t d = g.deg[cur];
-    s.fresh.clear();
-    for (uint32_t j = 0; j < d; ++j) {
-      if (!s.visited.test_set(nb[j])) s.fresh.push_back(nb[j]);
-    }
+  auto score_fresh = [&]() {
     const size_t m = s.fresh.size();
     // keep two rows in flight ahead of the one being scored
     for (size_t j = 0; j < m && j < 2; ++j) prefetch_row(keys.row(s.fresh[j]), D);
@@ -201,16 +265,50 @@ int64_t beam_search(const Graph& g, const KeySet& keys, const float* q, size_t L
       const size_t pos = s.beam.insert({sc, id});
       if (pos < min_pos) min_pos = pos;
     }
-    s.beam.advance(min_pos);
+    return min_pos;
+  };
+  auto gather = [&](uint32_t node) {
+    if (g.proj != nullptr) {
+      uint32_t d;
+      const uint32_t* nb = g.proj->row(node, d);
+      for (uint32_t j = 0; j < d; ++j) {
+        if (!s.visited.test_set(nb[j])) s.fresh.push_back(nb[j]);
+      }
+    }
+    const uint32_t* nb = g.base->nbrs(node);
+    for (uint32_t j = 0; j < g.base->deg[node]; ++j) {
+      if (!s.visited.test_set(nb[j])) s.fresh.push_back(nb[j]);
+    }
+  };
+  s.fresh.clear();
+  for (uint32_t e : *g.entries) {
+    if (e < g.n && !s.visited.test_set(e)) s.fresh.push_back(e);
+  }
+  score_fresh();
+  // the skipped node may be the only entry: start from its neighbours then
+  if (!s.beam.has_next() && skip < g.n) {
+    s.fresh.clear();
+    gather(skip);
+    score_fresh();
+  }
+  s.beam.advance(0);
+  while (s.beam.has_next()) {
+    const uint32_t cur = s.beam.next();
+    s.fresh.clear();
+    gather(cur);
+    s.beam.advance(score_fresh());
   }
   return scanned;
 }
 
-// Occlusion pruning with inner products (RoarGraph's rule): candidates are sorted by their
-// score with node x, best first; c is dropped when an already kept r is closer to it than x is
-// (<c, r> > <c, x>). With `fill`, dropped candidates top the list up to R in score order.
-void prune(const KeySet& keys, uint32_t x, std::vector<Cand>& cands, uint32_t R, bool fill, Scratch& s) {
+// Occlusion pruning (RoarGraph / NSG rule). Candidates are ranked by closeness to node x
+// (inner product, or -L2 with rule.l2); c is dropped when an already kept r is closer to c
+// than x is. With rule.fill, dropped candidates top the list up to R in rank order. Leaves
+// the kept ids in s.kept.
+void prune(const KeySet& keys, uint32_t x, std::vector<Cand>& cands, uint32_t R, PruneRule rule, Scratch& s) {
   const int64_t D = keys.dim;
+  const float* xr = keys.row(x);
+  for (auto& c : cands) c.score = rule.l2 ? -l2(xr, keys.row(c.id), D) : dot(xr, keys.row(c.id), D);
   std::sort(cands.begin(), cands.end(), better);
   size_t w = 0;
   for (size_t i = 0; i < cands.size(); ++i) {
@@ -222,9 +320,11 @@ void prune(const KeySet& keys, uint32_t x, std::vector<Cand>& cands, uint32_t R,
   s.taken.assign(cands.size(), 0);
   for (size_t i = 0; i < cands.size() && s.kept.size() < R; ++i) {
     const float* c = keys.row(cands[i].id);
+    if (i + 1 < cands.size()) prefetch_row(keys.row(cands[i + 1].id), D);
     bool occluded = false;
     for (uint32_t r : s.kept) {
-      if (dot(c, keys.row(r), D) > cands[i].score) {
+      const float close = rule.l2 ? -l2(c, keys.row(r), D) : dot(c, keys.row(r), D);
+      if (close > cands[i].score) {
         occluded = true;
         break;
       }
@@ -234,7 +334,7 @@ void prune(const KeySet& keys, uint32_t x, std::vector<Cand>& cands, uint32_t R,
       s.taken[i] = 1;
     }
   }
-  if (fill) {
+  if (rule.fill) {
     for (size_t i = 0; i < cands.size() && s.kept.size() < R; ++i) {
       if (!s.taken[i]) s.kept.push_back(cands[i].id);
     }
@@ -243,84 +343,88 @@ void prune(const KeySet& keys, uint32_t x, std::vector<Cand>& cands, uint32_t R,
 
 // Adds the edge y -> x. A full list is re-pruned without fill, which leaves free slots behind
 // so that later reverse edges are cheap. Returns whether x is in y's list afterwards.
-bool add_reverse(Graph& g, const KeySet& keys, uint32_t y, uint32_t x, Scratch& s) {
-  uint32_t* nb = g.nbrs(y);
-  uint32_t& d = g.deg[y];
+bool add_reverse(Adjacency& a, const KeySet& keys, uint32_t y, uint32_t x, PruneRule rule, Scratch& s) {
+  uint32_t* nb = a.nbrs(y);
+  uint32_t& d = a.deg[y];
   for (uint32_t j = 0; j < d; ++j) {
     if (nb[j] == x) return true;
   }
-  if (d < g.R) {
+  if (d < a.R) {
     nb[d++] = x;
     return true;
   }
-  const float* yr = keys.row(y);
-  s.cands.clear();
-  for (uint32_t j = 0; j < d; ++j) s.cands.push_back({dot(yr, keys.row(nb[j]), keys.dim), nb[j]});
-  s.cands.push_back({dot(yr, keys.row(x), keys.dim), x});
-  prune(keys, y, s.cands, g.R, false, s);
+  s.work.clear();
+  for (uint32_t j = 0; j < d; ++j) s.work.push_back({0.f, nb[j]});
+  s.work.push_back({0.f, x});
+  prune(keys, y, s.work, a.R, {rule.l2, false}, s);
   d = static_cast<uint32_t>(s.kept.size());
   std::copy(s.kept.begin(), s.kept.end(), nb);
   return std::find(s.kept.begin(), s.kept.end(), x) != s.kept.end();
 }
 
-// Forces an edge y -> x, taking y's last slot when y is full (used to keep x reachable).
-void force_edge(Graph& g, uint32_t y, uint32_t x) {
-  uint32_t* nb = g.nbrs(y);
-  uint32_t& d = g.deg[y];
+// Forces an edge y -> x, taking y's last slot when y is full (keeps x reachable).
+void force_edge(Adjacency& a, uint32_t y, uint32_t x) {
+  uint32_t* nb = a.nbrs(y);
+  uint32_t& d = a.deg[y];
   for (uint32_t j = 0; j < d; ++j) {
     if (nb[j] == x) return;
   }
-  if (d < g.R) {
+  if (d < a.R) {
     nb[d++] = x;
   } else {
-    nb[g.R - 1] = x;
+    nb[a.R - 1] = x;
   }
 }
 
-// Sets x's out-list to prune(existing ∪ cands) and adds the reverse edges. `cands` holds scores
-// relative to x. Returns whether some node links back to x.
-bool connect(Graph& g, const KeySet& keys, uint32_t x, std::vector<Cand>& cands, bool fill, Scratch& s) {
-  const float* xr = keys.row(x);
-  uint32_t* nb = g.nbrs(x);
-  for (uint32_t j = 0; j < g.deg[x]; ++j) cands.push_back({dot(xr, keys.row(nb[j]), keys.dim), nb[j]});
-  prune(keys, x, cands, g.R, fill, s);
+// Sets x's out-list to prune(existing ∪ cands) and adds the reverse edges. Returns whether
+// some node links back to x.
+bool connect(Adjacency& a, const KeySet& keys, uint32_t x, std::vector<Cand>& cands, PruneRule rule, Scratch& s) {
+  uint32_t* nb = a.nbrs(x);
+  for (uint32_t j = 0; j < a.deg[x]; ++j) cands.push_back({0.f, nb[j]});
+  prune(keys, x, cands, a.R, rule, s);
   std::vector<uint32_t> out(s.kept);  // s.kept is reused by add_reverse
-  g.deg[x] = static_cast<uint32_t>(out.size());
+  a.deg[x] = static_cast<uint32_t>(out.size());
   std::copy(out.begin(), out.end(), nb);
   bool linked = false;
-  for (uint32_t y : out) linked = add_reverse(g, keys, y, x, s) || linked;
+  for (uint32_t y : out) linked = add_reverse(a, keys, y, x, rule, s) || linked;
   return linked;
 }
 
-// Links node x (already a row of `keys`) into the graph by a key->key search of width L.
-void insert_node(Graph& g, const KeySet& keys, uint32_t x, size_t L, Scratch& s) {
-  if (g.entries.empty()) {
-    g.entries.push_back(x);
+// Links key x into the base layer by a key->key search of width L (connectivity
+// enhancement at build time, incremental insertion afterwards).
+void insert_base(Adjacency& base, std::vector<uint32_t>& entries, const KeySet& keys, uint32_t x, size_t L,
+                 PruneRule rule, Scratch& s) {
+  if (entries.empty()) {
+    entries.push_back(x);
     return;
   }
-  beam_search(g, keys, keys.row(x), L, x, s);
+  if (entries.size() == 1 && entries[0] == x) return;
+  GraphView view{&base, nullptr, &entries, base.n};
+  beam_search(view, keys, keys.row(x), L, x, s);
   std::vector<Cand> cands(s.beam.items());
-  bool linked = connect(g, keys, x, cands, true, s);
-  if (!linked && !cands.empty()) force_edge(g, cands.front().id, x);
+  if (cands.empty()) return;
+  const uint32_t nearest = cands.front().id;
+  if (!connect(base, keys, x, cands, rule, s)) force_edge(base, nearest, x);
 }
 
-// Makes every node reachable from the entries: BFS, then each unreached node is attached under
-// the best reached node with a free slot found by a search (NSG's tree repair).
-int64_t repair_reachability(Graph& g, const KeySet& keys, size_t L, Scratch& s) {
-  if (g.n == 0) return 0;
-  if (g.entries.empty()) g.entries.push_back(0);
-  std::vector<uint8_t> seen(g.n, 0);
+// Makes every node reachable from the entries over the base layer: BFS, then each
+// unreached node is attached under the best reached node with a free slot found by a search
+// (NSG's tree repair). Returns the number of nodes attached.
+int64_t repair_reachability(Adjacency& base, std::vector<uint32_t>& entries, const KeySet& keys, size_t L, Scratch& s) {
+  if (base.n == 0) return 0;
+  if (entries.empty()) entries.push_back(0);
+  std::vector<uint8_t> seen(base.n, 0);
   std::vector<uint32_t> queue;
-  queue.reserve(g.n);
+  queue.reserve(base.n);
   auto bfs_from = [&](uint32_t start) {
     if (seen[start]) return;
     seen[start] = 1;
     size_t head = queue.size();
     queue.push_back(start);
     while (head < queue.size()) {
-      uint32_t u = queue[head++];
-      const uint32_t* nb = g.nbrs(u);
-      for (uint32_t j = 0; j < g.deg[u]; ++j) {
+      const uint32_t u = queue[head++];
+      const uint32_t* nb = base.nbrs(u);
+      for (uint32_t j = 0; j < base.deg[u]; ++j) {
         if (!seen[nb[j]]) {
           seen[nb[j]] = 1;
           queue.push_back(nb[j]);
@@ -328,14 +432,15 @@ int64_t repair_reachability(Graph& g, const KeySet& keys, size_t L, Scratch& s) 
       }
     }
   };
-  for (uint32_t e : g.entries) bfs_from(e);
+  for (uint32_t e : entries) bfs_from(e);
   int64_t attached = 0;
-  for (uint32_t u = 0; u < g.n; ++u) {
+  GraphView view{&base, nullptr, &entries, base.n};
+  for (uint32_t u = 0; u < base.n; ++u) {
     if (seen[u]) continue;
-    beam_search(g, keys, keys.row(u), L, u, s);
+    beam_search(view, keys, keys.row(u), L, u, s);
     uint32_t parent = kNone;
     for (const Cand& c : s.beam.items()) {
-      if (seen[c.id] && g.deg[c.id] < g.R) {
+      if (seen[c.id] && base.deg[c.id] < base.R) {
         parent = c.id;
         break;
       }
@@ -348,34 +453,58 @@ int64_t repair_reachability(Graph& g, const KeySet& keys, size_t L, Scratch& s) 
         }
       }
     }
-    if (parent == kNone) parent = g.entries.front();
-    force_edge(g, parent, u);
+    if (parent == kNone) parent = entries.front();
+    force_edge(base, parent, u);
     bfs_from(u);
     ++attached;
   }
   return attached;
 }
 
-struct BuildStats {
-  int64_t attached = 0;
-};
+// The key nearest the centroid of the keys (L2): the base layer's entry.
+uint32_t centroid_key(const KeySet& ks) {
+  const int64_t n = ks.n, D = ks.dim;
+  std::vector<double> acc(D, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* r = ks.row(static_cast<uint32_t>(i));
+    for (int64_t d = 0; d < D; ++d) acc[d] += r[d];
+  }
+  std::vector<float> c(D);
+  for (int64_t d = 0; d < D; ++d) c[d] = static_cast<float>(acc[d] / static_cast<double>(n));
+  uint32_t best = 0;
+  float best_dist = std::numeric_limits<float>::max();
+  for (int64_t i = 0; i < n; ++i) {
+    const float dist = l2(ks.row(static_cast<uint32_t>(i)), c.data(), D);
+    if (dist < best_dist) {
+      best_dist = dist;
+      best = static_cast<uint32_t>(i);
+    }
+  }
+  return best;
+}
 
 class GraphIndex {
  public:
-  GraphIndex(int num_graphs, int group_size, int dim, int degree, int build_ef)
-      : num_graphs_(num_graphs), group_size_(group_size), dim_(dim), degree_(degree), build_ef_(build_ef) {
+  GraphIndex(int num_graphs, int group_size, int dim, int degree, int base_degree, int build_ef)
+      : num_graphs_(num_graphs), group_size_(group_size), dim_(dim), degree_(degree), base_degree_(base_degree),
+        build_ef_(build_ef) {
     if (num_graphs <= 0 || group_size <= 0 || num_graphs % group_size)
       throw std::invalid_argument("GraphIndex requires num_graphs > 0 divisible by group_size > 0 (got " +
                                   std::to_string(num_graphs) + ", " + std::to_string(group_size) + ")");
     if (dim <= 0) throw std::invalid_argument("GraphIndex requires dim > 0 (got " + std::to_string(dim) + ")");
-    if (degree < 2) throw std::invalid_argument("GraphIndex requires degree >= 2 (got " + std::to_string(degree) + ")");
+    if (degree < 1) throw std::invalid_argument("GraphIndex requires degree >= 1 (got " + std::to_string(degree) + ")");
+    if (base_degree < 2)
+      throw std::invalid_argument("GraphIndex requires base_degree >= 2 (got " + std::to_string(base_degree) + ")");
     if (build_ef < 1) throw std::invalid_argument("GraphIndex requires build_ef >= 1 (got " + std::to_string(build_ef) + ")");
-    graphs_.resize(num_graphs);
-    for (auto& g : graphs_) g.R = static_cast<uint32_t>(degree);
+    base_.resize(num_graphs / group_size);
+    base_entries_.resize(base_.size());
+    for (auto& b : base_) b.R = static_cast<uint32_t>(base_degree);
+    proj_.resize(num_graphs);
+    entries_.resize(num_graphs);
   }
 
-  // keys: [Hkv, N, D] float32; knn: [H, Nq, Kq] int32 (exact top-Kq keys of each training query,
-  // best first, -1 = none), may have Nq = 0 (then the graph is built by insertion alone).
+  // keys: [Hkv, N, D] float32; knn: [H, Nq, Kq] int32, the exact top-Kq keys of each training
+  // query, best first (-1 = none). Nq may be 0: the index is then the base layer alone.
   void build(const py::array& keys, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& knn,
              int num_entry, int num_threads) {
     std::vector<KeySet> sets = key_sets(keys);
@@ -383,69 +512,79 @@ class GraphIndex {
     if (knn.ndim() != 3 || knn.shape(0) != num_graphs_)
       throw std::invalid_argument("GraphIndex.build requires knn of shape [H=" + std::to_string(num_graphs_) +
                                   ", Nq, Kq]");
-    if (n > static_cast<int64_t>(kNone) - 1) throw std::invalid_argument("GraphIndex supports fewer than 2^32 - 1 keys");
+    if (n >= static_cast<int64_t>(kNone)) throw std::invalid_argument("GraphIndex supports fewer than 2^32 - 1 keys");
     const int64_t nq = knn.shape(1), kq = knn.shape(2);
     const int32_t* knn_ptr = knn.data();
-    {
-      py::gil_scoped_release release;
-      ensure_scratch();
-      int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-      std::vector<int64_t> attached(num_graphs_, 0);
+    const int num_kv = static_cast<int>(base_.size());
+    py::gil_scoped_release release;
+    ensure_scratch();
+    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+    std::vector<int64_t> attached(num_kv, 0);
+    // 1. the key-key base layer of every KV head (RoarGraph's connectivity enhancement)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-      for (int h = 0; h < num_graphs_; ++h) {
-        Scratch& s = scratch_[omp_get_thread_num()];
-        const KeySet& ks = sets[h / group_size_];
-        Graph& g = graphs_[h];
-        g.adj.clear();
-        g.deg.clear();
-        g.entries.clear();
-        g.resize(static_cast<uint32_t>(n));
-        if (n == 0) continue;
-        const int32_t* lists = knn_ptr + static_cast<int64_t>(h) * nq * kq;
-        choose_entries(g, ks, lists, nq, kq, num_entry);
-        // 1. projection: link each training query's top-1 key to its other neighbours
-        for (int64_t i = 0; i < nq; ++i) {
-          const int32_t* row = lists + i * kq;
-          if (row[0] < 0 || row[0] >= n) continue;
-          const uint32_t pivot = static_cast<uint32_t>(row[0]);
-          s.cands.clear();
-          const float* pr = ks.row(pivot);
-          for (int64_t j = 1; j < kq; ++j) {
-            if (row[j] < 0 || row[j] >= n) continue;
-            s.cands.push_back({dot(pr, ks.row(row[j]), ks.dim), static_cast<uint32_t>(row[j])});
-          }
-          std::vector<Cand> cands(s.cands);
-          connect(g, ks, pivot, cands, true, s);
-        }
-        // 2. connectivity enhancement: link every key by a key->key search
-        for (uint32_t x = 0; x < g.n; ++x) {
-          insert_node(g, ks, x, static_cast<size_t>(build_ef_), s);
-        }
-        // 3. every key reachable from the entries
-        attached[h] = repair_reachability(g, ks, static_cast<size_t>(build_ef_), s);
-      }
-      last_attached_ = 0;
-      for (auto a : attached) last_attached_ += a;
+    for (int kv = 0; kv < num_kv; ++kv) {
+      Scratch& s = scratch_[omp_get_thread_num()];
+      Adjacency& base = base_[kv];
+      auto& entries = base_entries_[kv];
+      base.adj.clear();
+      base.deg.clear();
+      entries.clear();
+      base.resize(static_cast<uint32_t>(n));
+      if (n == 0) continue;
+      entries.push_back(centroid_key(sets[kv]));
+      for (uint32_t x = 0; x < base.n; ++x) insert_base(base, entries, sets[kv], x, build_ef_, base_rule(), s);
+      attached[kv] = repair_reachability(base, entries, sets[kv], build_ef_, s);
     }
+    // 2. projection edges of every query head from its training queries' kNN lists
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int h = 0; h < num_graphs_; ++h) {
+      Scratch& s = scratch_[omp_get_thread_num()];
+      const KeySet& ks = sets[h / group_size_];
+      Adjacency proj;
+      proj.R = static_cast<uint32_t>(degree_);
+      proj.resize(static_cast<uint32_t>(n));
+      const int32_t* lists = knn_ptr + static_cast<int64_t>(h) * nq * kq;
+      for (int64_t i = 0; i < nq && n > 0; ++i) {
+        const int32_t* row = lists + i * kq;
+        if (row[0] < 0 || row[0] >= n) continue;
+        const uint32_t pivot = static_cast<uint32_t>(row[0]);
+        std::vector<Cand> cands;
+        for (int64_t j = 1; j < kq; ++j) {
+          if (row[j] >= 0 && row[j] < n) cands.push_back({0.f, static_cast<uint32_t>(row[j])});
+        }
+        connect(proj, ks, pivot, cands, proj_rule(), s);
+      }
+      proj_[h].assign(proj);
+      entries_[h] = base_entries_[h / group_size_];
+      add_pivot_entries(entries_[h], lists, nq, kq, n, num_entry);
+    }
+    last_attached_ = 0;
+    for (auto a : attached) last_attached_ += a;
   }
 
-  // Inserts rows [n_keys, N) of keys (N = keys.shape[1]) into every graph.
+  // Inserts rows [n_keys, N) of keys (N = keys.shape[1]) into the base layers; the new keys
+  // have no projection edges (no query has seen them yet).
   void add(const py::array& keys, int num_threads) {
     std::vector<KeySet> sets = key_sets(keys);
     const int64_t n = sets[0].n;
     if (n < n_keys()) throw std::invalid_argument("GraphIndex.add requires at least n_keys rows (use truncate to drop keys)");
+    if (n >= static_cast<int64_t>(kNone)) throw std::invalid_argument("GraphIndex supports fewer than 2^32 - 1 keys");
     if (n == n_keys()) return;
     py::gil_scoped_release release;
     ensure_scratch();
-    int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+    const int num_kv = static_cast<int>(base_.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int h = 0; h < num_graphs_; ++h) {
+    for (int kv = 0; kv < num_kv; ++kv) {
       Scratch& s = scratch_[omp_get_thread_num()];
-      Graph& g = graphs_[h];
-      const KeySet& ks = sets[h / group_size_];
-      const uint32_t start = g.n;
-      g.resize(static_cast<uint32_t>(n));
-      for (uint32_t x = start; x < g.n; ++x) insert_node(g, ks, x, static_cast<size_t>(build_ef_), s);
+      Adjacency& base = base_[kv];
+      const uint32_t start = base.n;
+      base.resize(static_cast<uint32_t>(n));
+      for (uint32_t x = start; x < base.n; ++x) insert_base(base, base_entries_[kv], sets[kv], x, build_ef_, base_rule(), s);
+    }
+    for (int h = 0; h < num_graphs_; ++h) {
+      proj_[h].extend(static_cast<uint32_t>(n));
+      if (entries_[h].empty()) entries_[h] = base_entries_[h / group_size_];
     }
   }
 
@@ -471,7 +610,7 @@ class GraphIndex {
     {
       py::gil_scoped_release release;
       ensure_scratch();
-      int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+      const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
       const int64_t total = static_cast<int64_t>(num_graphs_) * S;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
       for (int64_t t = 0; t < total; ++t) {
@@ -495,7 +634,8 @@ class GraphIndex {
           scan_ptr[t] = n;
           continue;
         }
-        scan_ptr[t] = beam_search(graphs_[h], ks, q, L, kNone, s);
+        GraphView view{&base_[h / group_size_], &proj_[h], &entries_[h], static_cast<uint32_t>(n)};
+        scan_ptr[t] = beam_search(view, ks, q, L, kNone, s);
         const auto& items = s.beam.items();
         const size_t m = std::min<size_t>(static_cast<size_t>(k), items.size());
         for (size_t i = 0; i < m; ++i) out[i] = items[i].id;
@@ -511,82 +651,92 @@ class GraphIndex {
                                   " (got " + std::to_string(n) + ")");
     const uint32_t m = static_cast<uint32_t>(n);
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int h = 0; h < num_graphs_; ++h) {
-      Graph& g = graphs_[h];
-      g.resize(m);
-      for (uint32_t i = 0; i < m; ++i) {
-        uint32_t* nb = g.nbrs(i);
-        uint32_t w = 0;
-        for (uint32_t j = 0; j < g.deg[i]; ++j) {
-          if (nb[j] < m) nb[w++] = nb[j];
-        }
-        g.deg[i] = w;
-      }
-      std::vector<uint32_t> kept;
-      for (uint32_t e : g.entries) {
-        if (e < m) kept.push_back(e);
-      }
-      if (kept.empty() && m > 0) kept.push_back(0);
-      g.entries = kept;
-    }
+    for (auto& b : base_) b.truncate(m);
+    for (auto& p : proj_) p.truncate(m);
+    auto filter = [m](std::vector<uint32_t>& e) {
+      e.erase(std::remove_if(e.begin(), e.end(), [m](uint32_t x) { return x >= m; }), e.end());
+      if (e.empty() && m > 0) e.push_back(0);
+    };
+    for (auto& e : base_entries_) filter(e);
+    for (auto& e : entries_) filter(e);
   }
 
-  int64_t n_keys() const { return graphs_.empty() ? 0 : graphs_[0].n; }
+  int64_t n_keys() const { return base_.empty() ? 0 : base_[0].n; }
 
   int64_t nbytes() const {
-    int64_t total = 0;
-    for (const auto& g : graphs_) total += static_cast<int64_t>(g.nbytes());
-    return total;
+    size_t total = 0;
+    for (const auto& b : base_) total += b.nbytes();
+    for (const auto& p : proj_) total += p.nbytes();
+    for (const auto& e : entries_) total += e.capacity() * sizeof(uint32_t);
+    return static_cast<int64_t>(total);
   }
 
-  // Out-degree of every node: [H, N] int64 (tests, stats).
+  // Out-degrees [H, N, 2] int64: (projection edges of head h, base edges of its KV head).
   py::array_t<int64_t> degrees() const {
     const int64_t n = n_keys();
-    py::array_t<int64_t> out({static_cast<int64_t>(num_graphs_), n});
+    py::array_t<int64_t> out({static_cast<int64_t>(num_graphs_), n, static_cast<int64_t>(2)});
     int64_t* p = out.mutable_data();
-    for (int h = 0; h < num_graphs_; ++h)
-      for (int64_t i = 0; i < n; ++i) p[h * n + i] = graphs_[h].deg[i];
+    for (int h = 0; h < num_graphs_; ++h) {
+      const Adjacency& b = base_[h / group_size_];
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t d;
+        proj_[h].row(static_cast<uint32_t>(i), d);
+        p[(h * n + i) * 2] = d;
+        p[(h * n + i) * 2 + 1] = b.deg[i];
+      }
+    }
     return out;
   }
 
+  // Out-neighbours of node i in query head h's graph (projection edges, then base edges).
   py::array_t<int64_t> neighbors(int h, int64_t i) const {
     check_graph(h);
-    const Graph& g = graphs_[h];
-    if (i < 0 || i >= g.n) throw std::out_of_range("GraphIndex.neighbors: node out of range");
-    py::array_t<int64_t> out(static_cast<int64_t>(g.deg[i]));
-    int64_t* p = out.mutable_data();
-    for (uint32_t j = 0; j < g.deg[i]; ++j) p[j] = g.nbrs(static_cast<uint32_t>(i))[j];
-    return out;
+    if (i < 0 || i >= n_keys()) throw std::out_of_range("GraphIndex.neighbors: node out of range");
+    std::vector<int64_t> out;
+    uint32_t d;
+    const uint32_t* nb = proj_[h].row(static_cast<uint32_t>(i), d);
+    out.insert(out.end(), nb, nb + d);
+    const Adjacency& b = base_[h / group_size_];
+    out.insert(out.end(), b.nbrs(static_cast<uint32_t>(i)), b.nbrs(static_cast<uint32_t>(i)) + b.deg[i]);
+    py::array_t<int64_t> arr(static_cast<int64_t>(out.size()));
+    std::copy(out.begin(), out.end(), arr.mutable_data());
+    return arr;
   }
 
   py::array_t<int64_t> entries(int h) const {
     check_graph(h);
-    const auto& e = graphs_[h].entries;
+    const auto& e = entries_[h];
     py::array_t<int64_t> out(static_cast<int64_t>(e.size()));
     std::copy(e.begin(), e.end(), out.mutable_data());
     return out;
   }
 
-  // Nodes reachable from the entries of graph h (tests).
+  // Nodes reachable from the entries of query head h (tests).
   int64_t reachable(int h) const {
     check_graph(h);
-    const Graph& g = graphs_[h];
-    std::vector<uint8_t> seen(g.n, 0);
+    const int64_t n = n_keys();
+    std::vector<uint8_t> seen(n, 0);
     std::vector<uint32_t> queue;
-    for (uint32_t e : g.entries) {
-      if (e < g.n && !seen[e]) {
+    for (uint32_t e : entries_[h]) {
+      if (e < n && !seen[e]) {
         seen[e] = 1;
         queue.push_back(e);
       }
     }
+    const Adjacency& b = base_[h / group_size_];
     for (size_t head = 0; head < queue.size(); ++head) {
-      const uint32_t* nb = g.nbrs(queue[head]);
-      for (uint32_t j = 0; j < g.deg[queue[head]]; ++j) {
-        if (!seen[nb[j]]) {
-          seen[nb[j]] = 1;
-          queue.push_back(nb[j]);
+      const uint32_t u = queue[head];
+      uint32_t d;
+      const uint32_t* nb = proj_[h].row(u, d);
+      for (int pass = 0; pass < 2; ++pass) {
+        for (uint32_t j = 0; j < d; ++j) {
+          if (!seen[nb[j]]) {
+            seen[nb[j]] = 1;
+            queue.push_back(nb[j]);
+          }
         }
+        nb = b.nbrs(u);
+        d = b.deg[u];
       }
     }
     return static_cast<int64_t>(queue.size());
@@ -597,76 +747,56 @@ class GraphIndex {
   int group_size() const { return group_size_; }
   int dim() const { return dim_; }
   int degree() const { return degree_; }
+  int base_degree() const { return base_degree_; }
   int build_ef() const { return build_ef_; }
 
  private:
+  static PruneRule base_rule() { return {envb("LC_BL2", true), envb("LC_BFILL", true)}; }
+  static PruneRule proj_rule() { return {envb("LC_PL2", false), envb("LC_PFILL", true)}; }
+
   void check_graph(int h) const {
     if (h < 0 || h >= num_graphs_) throw std::out_of_range("GraphIndex: graph index out of range");
   }
 
   // Validates a [Hkv, N, D] float32 buffer (any head/row stride, contiguous rows).
   std::vector<KeySet> key_sets(const py::array& keys) const {
-    if (keys.dtype().kind() != 'f' || keys.itemsize() != 4)
-      throw std::invalid_argument("GraphIndex requires float32 keys");
-    if (keys.ndim() != 3 || keys.shape(0) != num_graphs_ / group_size_ || keys.shape(2) != dim_)
-      throw std::invalid_argument("GraphIndex requires keys of shape [Hkv=" + std::to_string(num_graphs_ / group_size_) +
+    if (keys.dtype().kind() != 'f' || keys.itemsize() != 4) throw std::invalid_argument("GraphIndex requires float32 keys");
+    if (keys.ndim() != 3 || keys.shape(0) != static_cast<py::ssize_t>(base_.size()) || keys.shape(2) != dim_)
+      throw std::invalid_argument("GraphIndex requires keys of shape [Hkv=" + std::to_string(base_.size()) +
                                   ", N, D=" + std::to_string(dim_) + "]");
-    if (keys.strides(2) != static_cast<py::ssize_t>(sizeof(float)) || keys.strides(1) % sizeof(float) ||
-        keys.strides(0) % sizeof(float))
+    const auto f = static_cast<py::ssize_t>(sizeof(float));
+    if (keys.strides(2) != f || keys.strides(1) % f || keys.strides(0) % f)
       throw std::invalid_argument("GraphIndex requires keys with contiguous rows (last stride 4 bytes)");
     std::vector<KeySet> sets(keys.shape(0));
     const float* base = static_cast<const float*>(keys.data());
     for (py::ssize_t i = 0; i < keys.shape(0); ++i) {
-      sets[i].base = base + i * (keys.strides(0) / static_cast<py::ssize_t>(sizeof(float)));
+      sets[i].base = base + i * (keys.strides(0) / f);
       sets[i].n = keys.shape(1);
-      sets[i].stride = keys.strides(1) / static_cast<py::ssize_t>(sizeof(float));
+      sets[i].stride = keys.strides(1) / f;
       sets[i].dim = dim_;
     }
     return sets;
   }
 
-  // Entries: the key nearest the key centroid, plus the keys that are most often a training
-  // query's top-1 (where decode queries are likely to land).
-  void choose_entries(Graph& g, const KeySet& ks, const int32_t* lists, int64_t nq, int64_t kq, int num_entry) {
-    const int64_t n = ks.n;
-    const int64_t D = ks.dim;
-    std::vector<double> centroid(D, 0.0);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* r = ks.row(static_cast<uint32_t>(i));
-      for (int64_t d = 0; d < D; ++d) centroid[d] += r[d];
+  // Adds the keys most often a training query's top-1 (where decode queries are likely to
+  // land) to the entries, up to num_entry in all.
+  static void add_pivot_entries(std::vector<uint32_t>& entries, const int32_t* lists, int64_t nq, int64_t kq, int64_t n,
+                                int num_entry) {
+    if (nq == 0 || n == 0 || static_cast<int>(entries.size()) >= num_entry) return;
+    std::vector<int32_t> hits(n, 0);
+    for (int64_t i = 0; i < nq; ++i) {
+      const int32_t top = lists[i * kq];
+      if (top >= 0 && top < n) ++hits[top];
     }
-    std::vector<float> c(D);
-    for (int64_t d = 0; d < D; ++d) c[d] = static_cast<float>(centroid[d] / static_cast<double>(n));
-    uint32_t best = 0;
-    float best_dist = std::numeric_limits<float>::max();
-    for (int64_t i = 0; i < n; ++i) {
-      const float* r = ks.row(static_cast<uint32_t>(i));
-      float dist = 0.f;
-#pragma omp simd reduction(+ : dist)
-      for (int64_t d = 0; d < D; ++d) dist += (r[d] - c[d]) * (r[d] - c[d]);
-      if (dist < best_dist) {
-        best_dist = dist;
-        best = static_cast<uint32_t>(i);
-      }
-    }
-    g.entries.push_back(best);
-    if (nq == 0 || num_entry <= 1) return;
     std::vector<std::pair<int32_t, uint32_t>> counts;
-    {
-      std::vector<int32_t> hits(n, 0);
-      for (int64_t i = 0; i < nq; ++i) {
-        int32_t top = lists[i * kq];
-        if (top >= 0 && top < n) ++hits[top];
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        if (hits[i] > 0) counts.push_back({hits[i], static_cast<uint32_t>(i)});
-      }
+    for (int64_t i = 0; i < n; ++i) {
+      if (hits[i] > 0) counts.push_back({hits[i], static_cast<uint32_t>(i)});
     }
-    const size_t want = std::min(counts.size(), static_cast<size_t>(num_entry - 1));
-    std::partial_sort(counts.begin(), counts.begin() + want, counts.end(),
-                      [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-    for (size_t i = 0; i < want; ++i) {
-      if (counts[i].second != best) g.entries.push_back(counts[i].second);
+    std::sort(counts.begin(), counts.end(),
+              [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    for (const auto& c : counts) {
+      if (static_cast<int>(entries.size()) >= num_entry) break;
+      if (std::find(entries.begin(), entries.end(), c.second) == entries.end()) entries.push_back(c.second);
     }
   }
 
@@ -675,8 +805,11 @@ class GraphIndex {
     if (scratch_.size() < want) scratch_.resize(want);
   }
 
-  int num_graphs_, group_size_, dim_, degree_, build_ef_;
-  std::vector<Graph> graphs_;
+  int num_graphs_, group_size_, dim_, degree_, base_degree_, build_ef_;
+  std::vector<Adjacency> base_;                    // [Hkv] key-key layer
+  std::vector<std::vector<uint32_t>> base_entries_;  // [Hkv]
+  std::vector<Csr> proj_;                          // [H] projection edges
+  std::vector<std::vector<uint32_t>> entries_;     // [H]
   std::vector<Scratch> scratch_;
   int64_t last_attached_ = 0;
 };
@@ -692,8 +825,8 @@ One graph per query head (H = num_graphs); query head h searches key set h // gr
 Keys are passed to every call as a float32 array [Hkv, N, D] (rows contiguous, any head/row
 stride) and are never copied.
 )doc")
-      .def(py::init<int, int, int, int, int>(), "num_graphs"_a, "group_size"_a, "dim"_a, "degree"_a = 32,
-           "build_ef"_a = 64)
+      .def(py::init<int, int, int, int, int, int>(), "num_graphs"_a, "group_size"_a, "dim"_a, "degree"_a = 32,
+           "base_degree"_a = 32, "build_ef"_a = 64)
       .def("build", &GraphIndex::build, "keys"_a, "knn"_a, "num_entry"_a = 4, "num_threads"_a = 0,
            "Build every graph from keys [Hkv, N, D] and the training queries' exact kNN lists knn [H, Nq, Kq] int32.")
       .def("add", &GraphIndex::add, "keys"_a, "num_threads"_a = 0,
@@ -712,6 +845,7 @@ stride) and are never copied.
       .def_property_readonly("group_size", &GraphIndex::group_size)
       .def_property_readonly("dim", &GraphIndex::dim)
       .def_property_readonly("degree", &GraphIndex::degree)
+      .def_property_readonly("base_degree", &GraphIndex::base_degree)
       .def_property_readonly("build_ef", &GraphIndex::build_ef);
 }
 

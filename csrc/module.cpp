@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP threads available to the kernels.");
   longctx::register_sparse_attention(m);
   longctx::register_index(m);
+  longctx::register_hip(m);
 }

@@ -9,13 +9,20 @@
 // OpenMP parallelises over (b, hkv, row tile, key split); key splits only appear when there
 // are fewer (b, hkv, tile) items than threads, and are merged by log-sum-exp at the end.
 //
-// Inputs are fp32 / int64 numpy arrays (zero-copy views of contiguous CPU torch tensors);
+// Inputs are fp32 / int64 numpy arrays (zero-copy views of CPU torch tensors; K/V may be strided,
+// e.g. a [:, :, :T] slice of a preallocated cache, as long as each row of D floats is contiguous);
 // outputs are new numpy arrays handed back to torch with torch.from_numpy.
+// The AVX-512 paths are used when built for such a CPU (setup.py passes -march=native); the
+// portable paths are plain loops the compiler vectorises.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 #include <omp.h>
 #if defined(__AVX512F__)
+// gcc 12 flags the _mm*_undefined_* placeholders inside its own AVX-512 headers
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 #include <algorithm>
@@ -36,56 +43,155 @@ namespace {
 constexpr int64_t kBlockN = 64;          // keys per block: a [kRowTile, kBlockN] score tile stays in L1
 constexpr int64_t kRowTile = 16;         // query rows per work item (decode: G*S = 4..8 rows, one tile)
 constexpr int64_t kMinKeysPerSplit = 2048;  // below this a key split costs more in merging than it saves
-constexpr int kPrefetchRows = 4;         // gathered rows are random: prefetch a few rows ahead
+constexpr int kPrefetchRows = 8;          // gathered rows are random: prefetch a few rows ahead
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using StridedFArray = py::array_t<float, py::array::forcecast>;  // K/V: any strides, rows contiguous
 using IArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 inline void prefetch_row(const float* row, int64_t D) {
   for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 0, 1);  // 16 floats = one 64 B line
 }
 
-// scores[r * kBlockN + j] = <q_r, k_j> for 4 query rows at once: each k element is loaded once
-// and feeds 4 FMAs. q rows are pre-scaled by the softmax scale. The lane sums are reduced with
-// explicit vector code: the compiler's `omp simd reduction` ends in 16 scalar adds per row,
-// which costs more than the FMAs at D = 128.
+// ---------------------------------------------------------------------------------------------
+// Block primitives. Each has an AVX-512 version (built with -march=native on such CPUs) and a
+// portable one; both compute the same thing, the portable one lets the compiler vectorise.
+//   score_rows4:  scores of 4 query rows against one K row (the K row is loaded once)
+//   exp_row:      in place s[j] <- exp(s[j] - mx) over one row of the score tile, returns the sum
+//   accumulate:   acc[r, :] += sum_j p[r, j] * v_j for a group of rows over the whole block
+// ---------------------------------------------------------------------------------------------
 #if defined(__AVX512F__)
+// horizontal sum / max of 16 lanes (gcc 12's _mm512_reduce_* trip -Wmaybe-uninitialized)
+inline float hsum(__m512 v) {
+  // 128-bit lanes (0+2, 1+3) land in the low half
+  const __m256 s8 = _mm512_castps512_ps256(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2))));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+}
+
+inline float hmax(__m512 v) {
+  const __m256 s8 = _mm512_castps512_ps256(_mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2))));
+  __m128 s4 = _mm_max_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_max_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+}
+
+// exp(x) for x <= 0: Cephes expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp); the
+// 2^n scaling uses scalef, which underflows cleanly to 0 (x = -inf or x < -104 gives 0).
+inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 split in two for exactness
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
 inline void score_rows4(const float* q, int64_t D, const float* krow, float* scores, int64_t j) {
   const float* q0 = q;
   const float* q1 = q + D;
   const float* q2 = q + 2 * D;
   const float* q3 = q + 3 * D;
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    const __m512 kd = _mm512_loadu_ps(krow + d);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kd, a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + d), kd, a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + d), kd, a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3 + d), kd, a3);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mk = tail_mask(D - d);
+    const __m512 kd = _mm512_maskz_loadu_ps(mk, krow + d);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + d), kd, a0);
+    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q1 + d), kd, a1);
+    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q2 + d), kd, a2);
+    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q3 + d), kd, a3);
   }
-  float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
-  float s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
-  for (; d < D; ++d) {
-    s0 += q0[d] * krow[d];
-    s1 += q1[d] * krow[d];
-    s2 += q2[d] * krow[d];
-    s3 += q3[d] * krow[d];
-  }
-  scores[j] = s0;
-  scores[kBlockN + j] = s1;
-  scores[2 * kBlockN + j] = s2;
-  scores[3 * kBlockN + j] = s3;
+  scores[j] = hsum(a0);
+  scores[kBlockN + j] = hsum(a1);
+  scores[2 * kBlockN + j] = hsum(a2);
+  scores[3 * kBlockN + j] = hsum(a3);
 }
 
 inline float dot(const float* a, const float* b, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
-  float s = _mm512_reduce_add_ps(acc);
-  for (; d < D; ++d) s += a[d] * b[d];
-  return s;
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mk = tail_mask(D - d);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + d), _mm512_maskz_loadu_ps(mk, b + d), acc);
+  }
+  return hsum(acc);
+}
+
+inline float row_max(const float* s, int64_t nb, float init) {
+  __m512 mx = _mm512_set1_ps(init);
+  for (int64_t j = 0; j < nb; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), tail_mask(nb - j), s + j));
+  return hmax(mx);
+}
+
+inline float exp_row(float* s, int64_t nb, float mx) {
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; j += 16) {
+    const __mmask16 mk = tail_mask(nb - j);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j), vmx)));
+    _mm512_mask_storeu_ps(s + j, mk, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return hsum(sum);
+}
+
+// acc[r, c:c+16*NCH] for NR rows stays in registers over the whole block of V rows: one load
+// of each V vector feeds NR FMAs and nothing is stored until the block ends.
+template <int NR, int NCH>
+inline void accumulate_block(float* acc, int64_t D, const float* const* vrows, const float* p, int64_t nb) {
+  for (int64_t c = 0; c < D; c += 16 * NCH) {
+    __m512 a[NR][NCH];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < NCH; ++i) a[r][i] = _mm512_loadu_ps(acc + r * D + c + 16 * i);
+    for (int64_t j = 0; j < nb; ++j) {
+      __m512 vv[NCH];
+      for (int i = 0; i < NCH; ++i) vv[i] = _mm512_loadu_ps(vrows[j] + c + 16 * i);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 pr = _mm512_set1_ps(p[r * kBlockN + j]);
+        for (int i = 0; i < NCH; ++i) a[r][i] = _mm512_fmadd_ps(pr, vv[i], a[r][i]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < NCH; ++i) _mm512_storeu_ps(acc + r * D + c + 16 * i, a[r][i]);
+  }
+}
+
+template <int NR>
+inline void accumulate_rows(float* acc, int64_t D, const float* const* vrows, const float* p, int64_t nb) {
+  if (D % 64 == 0) return accumulate_block<NR, 4>(acc, D, vrows, p, nb);
+  if (D % 32 == 0) return accumulate_block<NR, 2>(acc, D, vrows, p, nb);
+  if (D % 16 == 0) return accumulate_block<NR, 1>(acc, D, vrows, p, nb);
+  for (int64_t j = 0; j < nb; ++j)  // odd head dims: plain axpy per row
+    for (int r = 0; r < NR; ++r) {
+      const float pr = p[r * kBlockN + j];
+      float* a = acc + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += pr * vrows[j][d];
+    }
+}
+
+inline void accumulate(float* acc, int64_t nr, int64_t D, const float* const* vrows, const float* p, int64_t nb) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) accumulate_rows<4>(acc + r * D, D, vrows, p + r * kBlockN, nb);
+  switch (nr - r) {
+    case 3: accumulate_rows<3>(acc + r * D, D, vrows, p + r * kBlockN, nb); break;
+    case 2: accumulate_rows<2>(acc + r * D, D, vrows, p + r * kBlockN, nb); break;
+    case 1: accumulate_rows<1>(acc + r * D, D, vrows, p + r * kBlockN, nb); break;
+    default: break;
+  }
 }
 #else
 inline void score_rows4(const float* q, int64_t D, const float* krow, float* scores, int64_t j) {
@@ -114,24 +220,32 @@ inline float dot(const float* a, const float* b, int64_t D) {
   for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
   return s;
 }
-#endif
 
-// acc_r += p[r] * vrow for 4 rows at once (one load of each v element).
-inline void accumulate_rows4(float* acc, int64_t D, const float* vrow, const float* p, int64_t j) {
-  float* a0 = acc;
-  float* a1 = acc + D;
-  float* a2 = acc + 2 * D;
-  float* a3 = acc + 3 * D;
-  const float p0 = p[j], p1 = p[kBlockN + j], p2 = p[2 * kBlockN + j], p3 = p[3 * kBlockN + j];
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) {
-    const float vd = vrow[d];
-    a0[d] += p0 * vd;
-    a1[d] += p1 * vd;
-    a2[d] += p2 * vd;
-    a3[d] += p3 * vd;
-  }
+inline float row_max(const float* s, int64_t nb, float init) {
+  float mx = init;
+  for (int64_t j = 0; j < nb; ++j) mx = std::max(mx, s[j]);
+  return mx;
 }
+
+inline float exp_row(float* s, int64_t nb, float mx) {
+  float sum = 0.f;
+  for (int64_t j = 0; j < nb; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  return sum;
+}
+
+inline void accumulate(float* acc, int64_t nr, int64_t D, const float* const* vrows, const float* p, int64_t nb) {
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t r = 0; r < nr; ++r) {
+      const float pr = p[r * kBlockN + j];
+      float* a = acc + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += pr * vrows[j][d];
+    }
+}
+#endif
 
 inline void axpy(float* acc, float p, const float* vrow, int64_t D) {
 #pragma omp simd
@@ -150,36 +264,38 @@ struct TileState {
 };
 
 // Attend rows [0, nr) of st over keys keys[lo, hi) (or positions lo..hi when keys == nullptr).
-void attend_tile(TileState& st, int64_t nr, int64_t D, const float* kbase, const float* vbase,
-                 const int64_t* keys, int64_t lo, int64_t hi) {
+// kbase/vbase point at key 0 of one (b, hkv); key t's row starts at kbase + t * k_row (v_row).
+void attend_tile(TileState& st, int64_t nr, int64_t D, const float* kbase, int64_t k_row, const float* vbase,
+                 int64_t v_row, const int64_t* keys, int64_t lo, int64_t hi) {
   std::fill(st.m.begin(), st.m.begin() + nr, kNegInf);
   std::fill(st.l.begin(), st.l.begin() + nr, 0.f);
   std::fill(st.acc.begin(), st.acc.begin() + nr * D, 0.f);
   float* scores = st.scores.data();
-  auto key_at = [&](int64_t i) { return keys ? keys[i] : i; };
+  const float* krows[kBlockN];
+  const float* vrows[kBlockN];
 
   for (int64_t start = lo; start < hi; start += kBlockN) {
     const int64_t nb = std::min(kBlockN, hi - start);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t key = keys ? keys[start + j] : start + j;
+      krows[j] = kbase + key * k_row;
+      vrows[j] = vbase + key * v_row;
+    }
     // -- scores of the block: gather each K row once, score every row of the tile against it
     for (int64_t j = 0; j < nb; ++j) {
-      if (keys && j + kPrefetchRows < nb) prefetch_row(kbase + key_at(start + j + kPrefetchRows) * D, D);
-      const float* krow = kbase + key_at(start + j) * D;
+      const int64_t ahead = start + j + kPrefetchRows;  // may run into the next block
+      if (ahead < hi) prefetch_row(kbase + (keys ? keys[ahead] : ahead) * k_row, D);
+      prefetch_row(vrows[j], D);  // V rows of this block are read right after
       int64_t r = 0;
-      for (; r + 4 <= nr; r += 4) score_rows4(st.q.data() + r * D, D, krow, scores + r * kBlockN, j);
-      for (; r < nr; ++r) scores[r * kBlockN + j] = dot(st.q.data() + r * D, krow, D);
+      for (; r + 4 <= nr; r += 4) score_rows4(st.q.data() + r * D, D, krows[j], scores + r * kBlockN, j);
+      for (; r < nr; ++r) scores[r * kBlockN + j] = dot(st.q.data() + r * D, krows[j], D);
     }
     // -- update m and l; scores become probabilities relative to the new max
     for (int64_t r = 0; r < nr; ++r) {
       float* s = scores + r * kBlockN;
-      float mx = st.m[r];
-      for (int64_t j = 0; j < nb; ++j) mx = std::max(mx, s[j]);
+      const float mx = row_max(s, nb, st.m[r]);
       const float alpha = std::exp(st.m[r] - mx);  // m = -inf on the first block: alpha = 0
-      float sum = 0.f;
-      for (int64_t j = 0; j < nb; ++j) {
-        s[j] = std::exp(s[j] - mx);
-        sum += s[j];
-      }
-      st.l[r] = st.l[r] * alpha + sum;
+      st.l[r] = st.l[r] * alpha + exp_row(s, nb, mx);
       st.m[r] = mx;
       if (alpha != 1.f) {
         float* a = st.acc.data() + r * D;
@@ -187,14 +303,8 @@ void attend_tile(TileState& st, int64_t nr, int64_t D, const float* kbase, const
         for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
       }
     }
-    // -- gather each V row once and accumulate it into every row of the tile
-    for (int64_t j = 0; j < nb; ++j) {
-      if (keys && j + kPrefetchRows < nb) prefetch_row(vbase + key_at(start + j + kPrefetchRows) * D, D);
-      const float* vrow = vbase + key_at(start + j) * D;
-      int64_t r = 0;
-      for (; r + 4 <= nr; r += 4) accumulate_rows4(st.acc.data() + r * D, D, vrow, scores + r * kBlockN, j);
-      for (; r < nr; ++r) axpy(st.acc.data() + r * D, scores[r * kBlockN + j], vrow, D);
-    }
+    // -- accumulate the V rows (prefetched above) into every row of the tile
+    accumulate(st.acc.data(), nr, D, vrows, scores, nb);
   }
 }
 
@@ -204,7 +314,7 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-py::tuple sparse_attention_forward(const FArray& q, const FArray& k, const FArray& v,
+py::tuple sparse_attention_forward(const FArray& q, const StridedFArray& k, const StridedFArray& v,
                                    const std::optional<IArray>& indices, double scale, int num_threads) {
   if (q.ndim() != 4) throw py::value_error("sparse_attention: q requires 4 dims [B, H, S, D] (got shape " + shape_str(q) + ")");
   if (k.ndim() != 4) throw py::value_error("sparse_attention: k requires 4 dims [B, Hkv, T, D] (got shape " + shape_str(k) + ")");
@@ -218,6 +328,12 @@ py::tuple sparse_attention_forward(const FArray& q, const FArray& k, const FArra
   if (Hkv <= 0 || H % Hkv != 0)
     throw py::value_error("sparse_attention: q heads (" + std::to_string(H) + ") must be a multiple of k heads (got " +
                           std::to_string(Hkv) + ")");
+  if (D > 0 && (k.strides(3) != sizeof(float) || v.strides(3) != sizeof(float)))
+    throw py::value_error("sparse_attention: k and v require a contiguous last dim (got element strides " +
+                          std::to_string(k.strides(3) / 4) + " and " + std::to_string(v.strides(3) / 4) + ")");
+  for (int i = 0; i < 3; ++i)
+    if (k.strides(i) % sizeof(float) || v.strides(i) % sizeof(float))
+      throw py::value_error("sparse_attention: k and v require float-aligned strides");
   const int64_t G = H / Hkv;
   const int64_t R = G * S;  // query rows per (b, hkv)
 
@@ -251,6 +367,12 @@ py::tuple sparse_attention_forward(const FArray& q, const FArray& k, const FArra
   const float* qp = q.data();
   const float* kp = k.data();
   const float* vp = v.data();
+  // element strides of K/V: a slice of a preallocated cache ([:, :, :T]) is read in place
+  int64_t ks[3], vs[3];
+  for (int i = 0; i < 3; ++i) {
+    ks[i] = k.strides(i) / static_cast<int64_t>(sizeof(float));
+    vs[i] = v.strides(i) / static_cast<int64_t>(sizeof(float));
+  }
   float* op = out.mutable_data();
   float* lp = lse.mutable_data();
   const float fscale = static_cast<float>(scale);
@@ -308,7 +430,7 @@ py::tuple sparse_attention_forward(const FArray& q, const FArray& k, const FArra
         const int64_t per_split = (n + splits - 1) / splits;
         const int64_t lo = std::min(n, split * per_split), hi = std::min(n, lo + per_split);
         const int64_t* keys = indices ? sel.data() + bh * K : nullptr;
-        attend_tile(st, nr, D, kp + bh * T * D, vp + bh * T * D, keys, lo, hi);
+        attend_tile(st, nr, D, kp + b * ks[0] + hkv * ks[1], ks[2], vp + b * vs[0] + hkv * vs[1], vs[2], keys, lo, hi);
         if (splits == 1) {
           for (int64_t r = 0; r < nr; ++r) finalize_row(row_offset(b, hkv, r0 + r), st.m[r], st.l[r], st.acc.data() + r * D);
         } else {

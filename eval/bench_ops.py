@@ -33,16 +33,22 @@ def dense_grouped_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return torch.matmul(probs, v).reshape(B, H, S, D)
 
 
-def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in ms over ``repeats`` runs after ``warmup`` runs."""
+def time_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time in ms of every ``fns[name]()``, warm-up excluded.
+
+    The functions run interleaved (one call of each per round), so that load from other
+    processes on a shared machine hits all of them alike.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench(
@@ -69,16 +75,16 @@ def bench(
                 indices = idx.sort(-1).values.unsqueeze(0)  # [B, Hkv, K]
             else:
                 indices = None
-            row = {"S": S, "selection": K or "all", "T": context}
-            row["ref"] = time_ms(lambda: sparse_attention_ref(q, k, v, indices), repeats)
+            fns: dict[str, Callable[[], object]] = {"ref": lambda: sparse_attention_ref(q, k, v, indices)}
             if cpp_available():
                 from longctx.ops.cpp import sparse_attention_cpp
 
-                row["cpp"] = time_ms(lambda: sparse_attention_cpp(q, k, v, indices, check=False), repeats)
+                fns["cpp"] = lambda: sparse_attention_cpp(q, k, v, indices, check=False)
             if indices is None:
-                row["dense-matmul"] = time_ms(lambda: dense_grouped_matmul(q, k, v), repeats)
+                fns["dense-matmul"] = lambda: dense_grouped_matmul(q, k, v)
                 if sdpa:
-                    row["sdpa"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeats)
+                    fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            row = {"S": S, "selection": K or "all", "T": context, **time_ms(fns, repeats)}
             rows.append(row)
     return rows
 

@@ -10,6 +10,7 @@ from longctx.backends import BackendLayer, LayerContext, get_backend, list_backe
 from longctx.cache import LongCtxCache
 from longctx.config import BackendConfig, DenseConfig
 from longctx.config import HiPConfig
+from longctx.config import ShadowKVConfig
 from longctx.models import SUPPORTED_MODEL_TYPES, RotaryHelper
 from longctx.patch import PatchHandle, patch
 
@@ -27,6 +28,7 @@ __all__ = [
     "BackendConfig",
     "DenseConfig",
     "HiPConfig",
+    "ShadowKVConfig",
     "RotaryHelper",
     "SUPPORTED_MODEL_TYPES",
 ]

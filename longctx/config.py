@@ -290,4 +290,98 @@ class HiPConfig(BackendConfig):
         return -(-self.sink // self.block_size_k)
 
 # ------------------------------------------------------------------------- triforce
-# (TriForce's middle-level chunk-retrieval config goes here)
+@dataclasses.dataclass
+class StreamingConfig(BackendConfig):
+    """StreamingLLM cache: attention sinks plus a recent window (Xiao et al., arXiv 2309.17453).
+
+    TriForce's draft level. Each query attends to the first ``sinks`` tokens and to the
+    ``window`` most recent tokens up to itself; positions are re-indexed to cache slots
+    (the paper's "positions within the cache"), so RoPE distances never exceed the cache size.
+
+    Parameters
+    ----------
+    sinks : int
+        First tokens always kept (default 16, TriForce's draft).
+    window : int
+        Recent tokens attended (default 240: TriForce keeps ``256 - 16 - gamma`` recent tokens).
+    rollback_reserve : int
+        Extra recent tokens held beyond the window so that rolling back up to this many
+        tokens still leaves a full window (default 64; larger rollbacks shrink the window).
+    slot_positions : bool
+        Re-rotate keys and queries to their cache slots (default ``True``). ``False`` keeps
+        the original positions (the model's own RoPE); also used when the layer has no
+        rotary helper.
+    """
+
+    sinks: int = 16
+    window: int = 240
+    rollback_reserve: int = 64
+    slot_positions: bool = True
+
+    def __post_init__(self):
+        name = "StreamingConfig"
+        _require(_is_int(self.sinks) and self.sinks >= 0, name, "sinks", "a non-negative int", self.sinks)
+        _require(_is_int(self.window) and self.window >= 1, name, "window", "an int >= 1", self.window)
+        _require(
+            _is_int(self.rollback_reserve) and self.rollback_reserve >= 0,
+            name,
+            "rollback_reserve",
+            "a non-negative int",
+            self.rollback_reserve,
+        )
+        _require(isinstance(self.slot_positions, bool), name, "slot_positions", "a bool", self.slot_positions)
+
+
+@dataclasses.dataclass
+class TriForceRetrievalConfig(BackendConfig):
+    """TriForce's middle-level retrieval cache (Sun et al., arXiv 2404.11912).
+
+    The prompt is cut into chunks of ``chunk_size`` tokens; each chunk's key is the mean of
+    its post-RoPE keys. The last prompt query scores every chunk (softmax per query head,
+    max over the G heads sharing a KV head, which for MHA ranks exactly as the official
+    raw ``q·chunk_k``); chunk 0 (attention sink) plus the top ``budget / chunk_size - 1``
+    chunks are kept per KV head, together with the prompt remainder modulo ``chunk_size``
+    and every generated token.
+
+    Parameters
+    ----------
+    chunk_size : int
+        Tokens per chunk C (default 8, the official).
+    budget : int
+        Prompt tokens kept per KV head, a multiple of ``chunk_size`` (default 4096, the
+        official on-chip setting). Prompts that fit the budget are kept whole.
+    retrieval_interval : int
+        Re-select the chunks every this many decode calls, scored by the last query of the
+        call (default 0: built once from the last prompt query, as the official code runs).
+        A positive value keeps the whole prompt K/V on the host tier to select from.
+    """
+
+    chunk_size: int = 8
+    budget: int = 4096
+    retrieval_interval: int = 0
+
+    def __post_init__(self):
+        name = "TriForceRetrievalConfig"
+        _require(_is_int(self.chunk_size) and self.chunk_size >= 1, name, "chunk_size", "a positive int", self.chunk_size)
+        _require(
+            _is_int(self.budget) and self.budget >= self.chunk_size,
+            name,
+            "budget",
+            f"an int of at least one chunk (chunk_size={self.chunk_size})",
+            self.budget,
+        )
+        _require(
+            self.budget % self.chunk_size == 0, name, "budget", f"a multiple of chunk_size={self.chunk_size}", self.budget
+        )
+        _require(
+            _is_int(self.retrieval_interval) and self.retrieval_interval >= 0,
+            name,
+            "retrieval_interval",
+            "a non-negative int",
+            self.retrieval_interval,
+        )
+
+    @property
+    def num_chunks(self) -> int:
+        """Prompt chunks kept per KV head, ``budget // chunk_size`` (chunk 0 included)."""
+        return self.budget // self.chunk_size

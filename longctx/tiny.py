@@ -458,7 +458,7 @@ def build_model(cfg: TinyConfig, tokenizer, seed: int):
 TRAIN_MIX = [
     ("niah_single_1", 2.0), ("niah_single_2", 1.0), ("niah_single_3", 1.0), ("niah_multikey_1", 1.0),
     ("niah_multikey_2", 2.5), ("niah_multikey_3", 2.5), ("niah_multivalue", 2.5), ("niah_multiquery", 2.5),
-    ("vt", 0.5), ("copy", 1.0),
+    ("vt", 0.5), ("copy", 2.0),
 ]
 _UNIT_TOKENS = {"noise": 25.0, "needle_numbers": 30.0, "needle_uuids": 88.0, "essay": 1.35, "vt": 25.0}
 
@@ -466,21 +466,23 @@ _UNIT_TOKENS = {"noise": 25.0, "needle_numbers": 30.0, "needle_uuids": 88.0, "es
 class SampleStream:
     """Seeded stream of tokenised training sequences of about a requested token length."""
 
-    def __init__(self, tokenizer, seed: int, essay_words: Sequence[str]):
+    def __init__(self, tokenizer, seed: int, essay_words: Sequence[str],
+                 mix: Optional[Sequence[tuple[str, float]]] = None):
         self.tok = tokenizer
         self.rng = random.Random(seed)
         self.essay = essay_words
-        self.tasks = [t for t, _ in TRAIN_MIX]
-        self.weights = [w for _, w in TRAIN_MIX]
+        mix = TRAIN_MIX if mix is None else mix
+        self.tasks = [t for t, _ in mix]
+        self.weights = [w for _, w in mix]
         specials = set(tokenizer.all_special_ids)
         self.plain_ids = [i for i in range(len(tokenizer)) if i not in specials]
 
     def _units(self, task: str, n_tokens: int) -> int:
         if task == "vt":
-            return max(6, int(n_tokens / _UNIT_TOKENS["vt"]))
+            return max(1, int(n_tokens / _UNIT_TOKENS["vt"]))
         hay, tk, tv = RULER_NIAH_TASKS[task][:3]
         key = "needle_uuids" if "uuids" in (tk, tv) and hay == "needle" else ("needle_numbers" if hay == "needle" else hay)
-        return max(4, int(n_tokens / _UNIT_TOKENS[key]))
+        return max(1, int(n_tokens / _UNIT_TOKENS[key]))
 
     def _copy(self, n_tokens: int) -> tuple[list[int], list[int]]:
         # [BOS] filler X filler X: loss on the second copy of X (induction/copying at a distance)
@@ -499,17 +501,24 @@ class SampleStream:
         task = rng.choices(self.tasks, self.weights)[0]
         if task == "copy":
             return self._copy(n_tokens)
-        units = self._units(task, n_tokens - 40)
+        units = self._units(task, n_tokens - 60)
+        chat = rng.random() < 0.25
         while True:
+            state = rng.getstate()
             if task == "vt":
                 s = vt_sample(rng, units)
             else:
-                s = niah_sample(rng, task, units, self.essay, extra_questions=extra_questions, chat=rng.random() < 0.25)
+                s = niah_sample(rng, task, units, self.essay, extra_questions=extra_questions, chat=chat)
             p = self.tok(s.prompt)["input_ids"]
             a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            if len(p) + len(a) <= n_tokens or units <= 4:
+            n = len(p) + len(a)
+            if n <= n_tokens or (units <= 1 and extra_questions == 0):
                 return p + a, [-100] * len(p) + a
-            units = max(4, int(units * n_tokens / (len(p) + len(a)) * 0.97))
+            rng.setstate(state)
+            if units > 1:
+                units = max(1, min(units - 1, int(units * n_tokens / n * 0.97)))
+            else:  # even one haystack unit is too long: ask fewer extra questions
+                extra_questions -= 1
 
 
 def make_batch(stream: SampleStream, batch_size: int, min_len: int, max_len: int, pose_prob: float,
@@ -547,9 +556,9 @@ class Stage:
 
 
 DEFAULT_CURRICULUM = [
-    Stage(steps=700, min_len=128, max_len=512, batch_size=32, pose_prob=0.3, extra_questions=3),
-    Stage(steps=250, min_len=512, max_len=1536, batch_size=12, pose_prob=0.3, extra_questions=2),
-    Stage(steps=150, min_len=2048, max_len=4096, batch_size=4, pose_prob=0.2, extra_questions=0),
+    Stage(steps=400, min_len=96, max_len=320, batch_size=12, pose_prob=0.3, extra_questions=3),
+    Stage(steps=120, min_len=512, max_len=1536, batch_size=4, pose_prob=0.3, extra_questions=2),
+    Stage(steps=50, min_len=2048, max_len=4096, batch_size=2, pose_prob=0.2, extra_questions=0),
 ]
 
 
@@ -566,19 +575,23 @@ def train(
     tokenizer,
     curriculum: Sequence[Stage],
     seed: int = 0,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     warmup: int = 50,
     max_position: int = 32768,
     autocast: bool = True,
     log_every: int = 25,
     essay_words: Optional[Sequence[str]] = None,
+    on_stage_end=None,
+    mix: Optional[Sequence[tuple[str, float]]] = None,
 ) -> list[dict]:
     """Train every model in ``models`` (name -> LlamaForCausalLM) on the same seeded batches.
 
+    ``on_stage_end(stage_index)`` is called after each curriculum stage (e.g. to checkpoint);
+    ``mix`` overrides the (task, weight) mixture ``TRAIN_MIX``.
     Returns the logged history (one dict per logged step with the losses).
     """
     essay_words = essay_words if essay_words is not None else load_essay_words()
-    stream = SampleStream(tokenizer, seed, essay_words)
+    stream = SampleStream(tokenizer, seed, essay_words, mix)
     total = sum(s.steps for s in curriculum)
     opts = {
         n: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01) for n, m in models.items()
@@ -614,6 +627,8 @@ def train(
                 history.append(rec)
                 logger.info("%s", json.dumps(rec))
                 running = {n: 0.0 for n in models}
+        if on_stage_end is not None:
+            on_stage_end(si)
     for m in models.values():
         m.eval()
     return history
@@ -673,25 +688,27 @@ def _answer_budget(task: str) -> int:
 
 
 def evaluate(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n: int, seed: int = 42,
-             draft=None) -> dict:
+             draft=None, agreement_lengths: Optional[Sequence[int]] = None) -> dict:
     """Greedy RULER-format NIAH scores (string_match_all) per task and length.
 
-    With ``draft``, also the greedy agreement: fraction of positions over the target's answer span
-    (teacher-forced on the target's greedy output) where draft argmax == target argmax.
+    With ``draft``, also the greedy agreement at ``agreement_lengths`` (default: all): fraction of
+    positions over the target's answer span (teacher-forced on the target's greedy output) where
+    draft argmax == target argmax.
     """
     results = {}
     for L in lengths:
+        drf = draft if agreement_lengths is None or L in agreement_lengths else None
         for task in tasks:
             samples = sized_niah_samples(tokenizer, task, L, n, seed)
             preds, agree, total = [], 0, 0
             for s in samples:
                 text, gen = greedy_answer(model, tokenizer, s.prompt, _answer_budget(task))
                 preds.append(ruler_postprocess(text))
-                if draft is not None and gen:
-                    a, t = draft_agreement(model, draft, tokenizer, s.prompt, gen)
+                if drf is not None and gen:
+                    a, t = draft_agreement(model, drf, tokenizer, s.prompt, gen)
                     agree, total = agree + a, total + t
             rec = {"score": string_match_all(preds, [s.outputs for s in samples]), "n": n, "example": preds[0][:80]}
-            if draft is not None:
+            if drf is not None:
                 rec["draft_agreement"] = round(agree / max(1, total), 4)
             results[f"{task}@{L}"] = rec
             logger.info("eval %s@%d %s", task, L, json.dumps(rec))
@@ -722,20 +739,24 @@ def save_model(model, tokenizer, path: Path):
         pad_token_id=tokenizer.pad_token_id, do_sample=False,
     )
     model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    # the chat template goes into tokenizer_config.json (readable by older transformers too)
+    tokenizer.save_pretrained(path, save_jinja_files=False)
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="longctx train-tiny", description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default=str(MODELS_DIR), help="writes <out-dir>/tiny-target and tiny-draft")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; on a shared 2-core machine 1 thread was ~7x faster than 2")
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     p.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--log-file", default=None, help="also append the log to this file")
     p.add_argument("--eval-lengths", default="4096", help="comma-separated lengths for the final quick eval ('' = none)")
     p.add_argument("--eval-samples", type=int, default=20)
+    p.add_argument("--eval-tasks", default=",".join(DONE_WHEN_TASKS), help="comma-separated RULER NIAH tasks")
+    p.add_argument("--agreement-lengths", default="4096", help="lengths at which draft agreement is measured")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
     return p.parse_args(argv)
 
@@ -767,14 +788,22 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                     sum(p.numel() for p in target.parameters()), sum(p.numel() for p in draft.parameters()),
                     [dataclasses.asdict(s) for s in curriculum])
         t0 = time.time()
+
+        def checkpoint(si):
+            save_model(target, tok, out / "tiny-target")
+            save_model(draft, tok, out / "tiny-draft")
+            logger.info("stage %d done after %.1f min; saved to %s", si, (time.time() - t0) / 60, out)
+
         train({"target": target, "draft": draft}, tok, curriculum, seed=args.seed, lr=args.lr,
-              autocast=not args.no_autocast, essay_words=essay)
+              autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint)
         logger.info("training took %.1f min", (time.time() - t0) / 60)
         save_model(target, tok, out / "tiny-target")
         save_model(draft, tok, out / "tiny-draft")
     lengths = [int(x) for x in args.eval_lengths.split(",") if x]
     if lengths:
-        res = evaluate(target, tok, DONE_WHEN_TASKS, lengths, args.eval_samples, draft=draft)
+        agree = [int(x) for x in args.agreement_lengths.split(",") if x]
+        res = evaluate(target, tok, args.eval_tasks.split(","), lengths, args.eval_samples, draft=draft,
+                       agreement_lengths=agree)
         print(json.dumps(res, indent=1))
     return 0
 

@@ -20,7 +20,7 @@ import torch
 
 from longctx.backends import register_backend
 from longctx.backends.base import BackendLayer, LayerContext
-from longctx.backends.dense import grouped_attention
+from longctx.backends.dense import GrowingKV, grouped_attention
 from longctx.config import HiPConfig
 from longctx.ops.hip import attended_counts, attended_mask, hip_attention, hip_mask, mask_heads
 
@@ -40,8 +40,7 @@ class HiPLayer(BackendLayer):
 
     def __init__(self, config: HiPConfig, ctx: LayerContext):
         super().__init__(config, ctx)
-        self.k: Optional[torch.Tensor] = None  # [B, Hkv, T, D], on the host tier when offloaded
-        self.v: Optional[torch.Tensor] = None
+        self.kv: Optional[GrowingKV] = None  # [B, Hkv, T, D], on the host tier when offloaded
         self.prompt_len = 0
         self.dense = ctx.layer_idx < config.dense_layers or ctx.sliding_window is not None
         # cached mask of the newest query block: blocks [B, M, 1, K], local_start [1]
@@ -76,26 +75,23 @@ class HiPLayer(BackendLayer):
             )
         if S == 0:
             raise ValueError("HiP requires at least one query token (got S=0)")
-        if self.k is not None and B != self.k.shape[0]:
-            raise ValueError(f"HiP decode requires the prefill batch size {self.k.shape[0]} (got {B})")
-
-    def _store(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.ctx.host_device, non_blocking=True) if self.config.offload else t
+        if self.kv is not None and B != self.kv.k.shape[0]:
+            raise ValueError(f"HiP decode requires the prefill batch size {self.kv.k.shape[0]} (got {B})")
 
     def _keep_mask(self, blocks: torch.Tensor, local_start: torch.Tensor) -> None:
         # only the newest query block's mask serves later decode steps
         self._mask = (blocks[:, :, -1:].clone(), local_start[-1:].clone())
         self._since_refresh = 0
 
-    def _sparse(self, q: torch.Tensor, q_offset: int, refresh: bool) -> torch.Tensor:
-        """HiP attention of ``q`` (``[B, H, S, D]`` at positions ``q_offset...``) over the cache."""
+    def _sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, refresh: bool) -> torch.Tensor:
+        """HiP attention of ``q`` (``[B, H, S, D]`` at positions ``q_offset...``) over ``k, v`` ``[B, Hkv, T, D]``."""
         cfg = self.config
         B, H, S, _ = q.shape
-        T = self.seq_length
+        T = k.shape[2]
         qs = q * self.ctx.scale  # HiP kernels take pre-scaled queries (official v1.x convention)
         scored = 0
         if refresh:
-            mask = hip_mask(qs, self.k, q_offset, cfg)
+            mask = hip_mask(qs, k, q_offset, cfg)
             blocks, local_start = mask.blocks, mask.local_start
             scored = int(mask.reads.sum())
             M = blocks.shape[1]
@@ -105,18 +101,18 @@ class HiPLayer(BackendLayer):
             self._keep_mask(blocks, local_start)
         else:
             blocks, local_start = self._mask
-        out, _ = hip_attention(qs, self.k, self.v, blocks, local_start, q_offset, cfg)
+        out, _ = hip_attention(qs, k, v, blocks, local_start, q_offset, cfg, return_lse=False)
         M = blocks.shape[1]
         attended = int(attended_counts(blocks, local_start, q_offset, S, T, cfg).sum())
         self._stats["keys_attended"] += attended
         self._stats["keys_attended_per_query"] = attended / (B * M * S)
         if q_offset > 0:
             self._stats["keys_per_step"] = (scored + attended) / (B * M * S)
-            if self.k.device != q.device:  # offload: only the scored rows and the attended K/V rows move
+            if k.device != q.device:  # offload: only the scored rows and the attended K/V rows move
                 sink_keys = min(cfg.sink_blocks * cfg.block_size_k, T)
                 listed = int((blocks >= 0).sum()) * cfg.block_size_k
                 listed += B * M * int((sink_keys + T - local_start.clamp(max=T)).sum())
-                self._stats["bytes_to_device"] += (scored + 2 * listed) * self.k.shape[-1] * self.k.element_size()
+                self._stats["bytes_to_device"] += (scored + 2 * listed) * k.shape[-1] * k.element_size()
         if self.record_attended:
             self.attended = attended_mask(blocks, local_start, q_offset, S, T, H, cfg)
         return out
@@ -124,37 +120,35 @@ class HiPLayer(BackendLayer):
     # ---------------------------------------------------------------- the contract
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self._check(q, k, v)
-        if self.k is not None:
+        if self.kv is not None:
             raise RuntimeError("HiP prefill() called twice on one layer; use decode() to append tokens")
         self.prompt_len = k.shape[2]
         self._stats["prefill_tokens"] += q.shape[0] * q.shape[2]
         if self.dense:
-            self.k, self.v = self._store(k), self._store(v)
+            out = grouped_attention(q, k, v, self.ctx.scale, 0, self.ctx.sliding_window)
             self.attended = None
-            return grouped_attention(q, k, v, self.ctx.scale, 0, self.ctx.sliding_window)
-        self.k, self.v = k, v  # attend with the device copy, then move to the host tier
-        out = self._sparse(q, 0, refresh=True)
-        self.k, self.v = self._store(k), self._store(v)
+        else:
+            out = self._sparse(q, k, v, 0, refresh=True)  # attend with the device copy
+        self.kv = GrowingKV(k, v, self.ctx.host_device if self.config.offload else k.device)
         return out
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.k is None:
+        if self.kv is None:
             raise RuntimeError("decode() called before prefill() on a HiP layer")
         self._check(q, k, v)
-        self.k = torch.cat([self.k, self._store(k)], dim=2)
-        self.v = torch.cat([self.v, self._store(v)], dim=2)
+        self.kv.append(k, v)
         S, T = q.shape[2], self.seq_length
         self._stats["decode_steps"] += 1
         if self.dense:
             self.attended = None
-            kk, vv = self.k.to(q.device), self.v.to(q.device)
+            kk, vv = self.kv.keys().to(q.device), self.kv.values().to(q.device)
             return grouped_attention(q, kk, vv, self.ctx.scale, T - S, self.ctx.sliding_window)
         refresh = (
             self._mask is None
             or self._since_refresh >= self.config.refresh_interval
             or S > self.config.block_size_q  # several query blocks: estimate each
         )
-        out = self._sparse(q, T - S, refresh)
+        out = self._sparse(q, self.kv.keys(), self.kv.values(), T - S, refresh)
         self._since_refresh += 1
         return out
 
@@ -162,18 +156,17 @@ class HiPLayer(BackendLayer):
         self._check_rollback(n_tokens, self.seq_length - self.prompt_len)
         if not n_tokens:
             return
-        self.k = self.k[:, :, :-n_tokens]
-        self.v = self.v[:, :, :-n_tokens]
+        self.kv.truncate(self.kv.length - n_tokens)
         # a cached mask stays valid while its blocks and local start lie inside the cache
         if self._mask is not None and int(self._mask[1][0]) > self.seq_length:
             self._mask = None
 
     @property
     def seq_length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return 0 if self.kv is None else self.kv.length
 
     def memory(self) -> dict[str, int]:
-        kv = 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
+        kv = 0 if self.kv is None else self.kv.nbytes()
         mem = {"device": 0, "host": 0}
         mem["host" if self.config.offload else "device"] += kv
         if self._mask is not None:
@@ -182,6 +175,6 @@ class HiPLayer(BackendLayer):
 
     def stats(self) -> dict[str, Any]:
         M = 0
-        if self.k is not None:
+        if self.kv is not None:
             M = mask_heads(self.ctx.num_heads, self.ctx.num_kv_heads, self.config)[0]
         return {**self._stats, "dense": self.dense, "fallback_dense": self.dense, "mask_heads": M}

@@ -35,7 +35,11 @@ class IndexParams:
         Search width: the beam width L of the attention-aware graph and ``efSearch`` of
         HNSW (raised to ``k`` when smaller). Default 128.
     degree : int
-        Attention-aware graph: out-degree bound per key (RoarGraph's M). Default 32.
+        Attention-aware graph: projection edges per key and query head (RoarGraph's M).
+        Default 32.
+    base_degree : int
+        Attention-aware graph: key-key edges per key, shared by the heads of a GQA group
+        (RoarGraph's connectivity enhancement). Default 32.
     build_knn : int
         Attention-aware graph: exact neighbours per training query projected onto the
         key-key graph (RoarGraph's Nq). Default 100.
@@ -60,6 +64,7 @@ class IndexParams:
 
     ef_search: int = 128
     degree: int = 32
+    base_degree: int = 32
     build_knn: int = 100
     build_ef: int = 64
     max_train_queries: int = 4096
@@ -73,8 +78,9 @@ class IndexParams:
         for name in ("ef_search", "build_knn", "build_ef", "max_train_queries", "num_entry", "nprobe", "hnsw_m"):
             _positive("IndexParams", name, getattr(self, name))
         _positive("IndexParams", "num_threads", self.num_threads, allow_zero=True)
-        if not isinstance(self.degree, int) or self.degree < 2:
-            raise ValueError(f"IndexParams.degree requires an int >= 2 (got {self.degree!r})")
+        _positive("IndexParams", "degree", self.degree)
+        if not isinstance(self.base_degree, int) or self.base_degree < 2:
+            raise ValueError(f"IndexParams.base_degree requires an int >= 2 (got {self.base_degree!r})")
         if self.nlist is not None:
             _positive("IndexParams", "nlist", self.nlist)
 

@@ -52,7 +52,7 @@ import torch
 from longctx.ops import pick_impl
 
 # working-set budget of one chunk of query blocks in the torch reference (gathered keys + scores)
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 32 * 2**20
 
 
 class HiPMask(NamedTuple):
@@ -160,10 +160,30 @@ def finalize_blocks(start: torch.Tensor, size: torch.Tensor, sink_blocks: int) -
     return blocks.sort(dim=-1).values
 
 
-def _gather_rows(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``flat[idx]`` as float32 on ``idx.device``; gathers where ``flat`` lives (host tier: only rows move)."""
+def _gather_rows(flat: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``flat[idx]`` in ``dtype`` on ``idx.device``; gathers where ``flat`` lives (host tier: only rows move)."""
     rows = flat.index_select(0, idx.reshape(-1).to(flat.device))
-    return rows.to(device=idx.device, dtype=torch.float32).view(*idx.shape, flat.shape[-1])
+    return rows.to(device=idx.device, dtype=dtype).view(*idx.shape, flat.shape[-1])
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # score matmuls run in the model's dtype (fp32 accumulation inside), softmax in fp32; fp16 on CPU is slow
+    return torch.float32 if t.dtype == torch.float16 and t.device.type == "cpu" else t.dtype
+
+
+def storage_view(t: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, Tcap, D]`` view over the whole buffer behind a K/V view ``[B, Hkv, T, D]``.
+
+    Caches grow in a buffer with spare capacity (:class:`longctx.backends.dense.GrowingKV`) and
+    hand out views of the live part; indexing rows of the buffer directly avoids copying the
+    cache every decode step. Keys past the live length are never read (every index is below
+    the block's end). Falls back to a contiguous copy for other layouts.
+    """
+    B, Hkv, T, D = t.shape
+    sB, sH, sT, sD = t.stride()
+    if sD == 1 and sT == D and sH % D == 0 and sH >= T * D and (B == 1 or sB == Hkv * sH):
+        return t.as_strided((B, Hkv, sH // D, D), (Hkv * sH, sH, D, 1))
+    return t.contiguous()
 
 
 def _kv_base(B: int, M: int, Gm: int, G: int, Hkv: int, T: int, device: torch.device) -> torch.Tensor:
@@ -185,12 +205,12 @@ def _score_ref(qg, k_flat, kv_base, cand_start, cand_size, config, T):
     b_k = config.block_size_k
     offs = torch.arange(0, b_k, config.block_stride_k, device=qg.device)
     rep = config.sink_blocks + cand_start + cand_size // 2  # centre block of each range
-    keys = (rep.unsqueeze(-1) * b_k + offs).clamp(max=T - 1)  # [B, M, n, 2K, nk]
-    kk = _gather_rows(k_flat, kv_base[:, :, None, None, None] + keys)  # [B, M, n, 2K, nk, D]
-    kk = kk.flatten(-3, -2)  # [B, M, n, 2K * nk, D]
+    first = kv_base[:, :, None, None] + rep * b_k  # [B, M, n, 2K] row of the block's first key
+    rows = (first.unsqueeze(-1) + offs).clamp(max=k_flat.shape[0] - 1).flatten(-2)  # [B, M, n, 2K * nk]
+    kk = _gather_rows(k_flat, rows, qg.dtype)  # [B, M, n, 2K * nk, D]
     s = torch.matmul(qg, kk.transpose(-1, -2))  # [B, M, n, R, 2K * nk]
-    s = s.amax(dim=-2).unflatten(-1, (cand_start.shape[-1], offs.numel())).amax(dim=-1)
-    return s.masked_fill(cand_size == 0, float("-inf"))
+    s = s.amax(dim=-2).unflatten(-1, (cand_start.shape[-1], offs.numel())).amax(dim=-1).float()
+    return s.masked_fill_(cand_size == 0, float("-inf"))
 
 
 def _query_rows(q, starts, ends, q_offset, config, M, Gm, S):
@@ -198,7 +218,7 @@ def _query_rows(q, starts, ends, q_offset, config, M, Gm, S):
     B, H, _, D = q.shape
     offs = torch.arange(0, rows_per_block(S, config), config.block_stride_q, device=q.device)
     rows = torch.minimum(starts.unsqueeze(1) + offs, ends.unsqueeze(1) - 1) - q_offset  # [n, nq]
-    qr = q[:, :, rows].float()  # [B, H, n, nq, D]
+    qr = q[:, :, rows].to(_compute_dtype(q))  # [B, H, n, nq, D]
     n, nq = rows.shape
     qr = qr.view(B, M, Gm, n, nq, D).transpose(2, 3)  # [B, M, n, Gm, nq, D]
     return qr.reshape(B, M, n, Gm * nq, D)
@@ -234,8 +254,9 @@ def hip_mask_ref(q: torch.Tensor, k: torch.Tensor, q_offset: int, config: Any) -
     n_blocks = local_start // config.block_size_k - config.sink_blocks  # [N] search-region lengths
     nq = -(-rows_per_block(S, config) // config.block_stride_q)
     nk = -(-config.block_size_k // config.block_stride_k)
-    k_flat = k.reshape(B * Hkv * T, D)
-    kv_base = _kv_base(B, M, Gm, G, Hkv, T, q.device)
+    k_full = storage_view(k)  # rows of the cache buffer: no copy of a growing cache
+    k_flat = k_full.reshape(-1, D)
+    kv_base = _kv_base(B, M, Gm, G, Hkv, k_full.shape[2], q.device)
     # per query block: gathered keys, scores and the query rows, float32
     chunk = _chunk(B * M * 4 * (2 * K * nk * D + Gm * nq * 2 * K * nk + Gm * nq * D))
 
@@ -278,6 +299,23 @@ def _key_lists(blocks, local_start, ends, sink_keys, local_len, config):
     return torch.cat([sink, mask, local], dim=-1)
 
 
+def _causal_bias(starts, ends, local_start, R, Gm, sink_keys, mask_keys, local_len):
+    """Additive ``[n, Gm * R, L]`` float32 bias (0 / -inf) of the sink and local keys, causal.
+
+    Mask keys are never in a query's future (they lie below the local region), so their
+    columns are 0; their validity per head is applied separately.
+    """
+    dev = starts.device
+    qpos = (starts.unsqueeze(1) + torch.arange(R, device=dev)).repeat(1, Gm)  # [n, Gm * R]
+    sink = torch.arange(sink_keys, device=dev)
+    local = local_start.unsqueeze(1) + torch.arange(local_len, device=dev)  # [n, local_len]
+    sink_ok = sink.view(1, 1, -1) <= qpos.unsqueeze(-1)
+    local_ok = (local.unsqueeze(1) <= qpos.unsqueeze(-1)) & (local < ends.unsqueeze(1)).unsqueeze(1)
+    n = starts.numel()
+    ok = torch.cat([sink_ok.expand(n, -1, -1), torch.ones(n, Gm * R, mask_keys, dtype=torch.bool, device=dev), local_ok], -1)
+    return torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float("-inf"))
+
+
 def hip_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -286,7 +324,8 @@ def hip_attention_ref(
     local_start: torch.Tensor,
     q_offset: int,
     config: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Block-sparse causal attention over mask blocks + sinks + local window, torch reference.
 
     Parameters
@@ -303,12 +342,14 @@ def hip_attention_ref(
         ``[N]`` int64 first key of each block's local region.
     q_offset : int
     config : HiPConfig
+    return_lse : bool, default True
+        Also return the log-sum-exp (one more pass over the scores).
 
     Returns
     -------
     out : torch.Tensor
         ``[B, H, S, D]`` in ``q.dtype``.
-    lse : torch.Tensor
+    lse : torch.Tensor or None
         ``[B, H, S]`` float32 log-sum-exp of the (pre-scaled) scores.
     """
     B, H, S, D = q.shape
@@ -316,16 +357,21 @@ def hip_attention_ref(
     G = H // Hkv
     M, K = blocks.shape[1], blocks.shape[3]
     Gm = H // M
+    b_k = config.block_size_k
     starts, ends, _ = block_geometry(S, q_offset, config, q.device)
     local_start = local_start.to(q.device)
     blocks = blocks.to(q.device)
     N = starts.numel()
     R = rows_per_block(S, config)
-    sink_keys = min(config.sink_blocks * config.block_size_k, T)
+    sink_keys = min(config.sink_blocks * b_k, T)
     local_len = int((ends - local_start).clamp(min=0).max())
-    L = sink_keys + K * config.block_size_k + local_len
-    k_flat, v_flat = k.reshape(B * Hkv * T, D), v.reshape(B * Hkv * T, D)
-    kv_base = _kv_base(B, M, Gm, G, Hkv, T, q.device)
+    L = sink_keys + K * b_k + local_len
+    dtype = _compute_dtype(q)
+    k_full, v_full = storage_view(k), storage_view(v)  # rows of the cache buffers: no copy
+    if k_full.shape != v_full.shape:
+        k_full, v_full = k.contiguous(), v.contiguous()
+    k_flat, v_flat = k_full.reshape(-1, D), v_full.reshape(-1, D)
+    kv_base = _kv_base(B, M, Gm, G, Hkv, k_full.shape[2], q.device)
     # rows (g, i) of each block: g-th query head of the mask head, i-th query of the block
     qp = torch.nn.functional.pad(q, (0, 0, 0, N * R - S)) if N * R != S else q
     qb = qp.reshape(B, M, Gm, N, R, D).transpose(2, 3).reshape(B, M, N, Gm * R, D)
@@ -336,30 +382,90 @@ def hip_attention_ref(
         sl = slice(c0, min(c0 + chunk, N))
         idx = _key_lists(blocks[:, :, sl], local_start[sl], ends[sl], sink_keys, local_len, config)  # [B, M, n, L]
         rows = kv_base[:, :, None, None] + idx.clamp(min=0)
-        kk, vv = _gather_rows(k_flat, rows), _gather_rows(v_flat, rows)  # [B, M, n, L, D]
-        qpos = (starts[sl].unsqueeze(1) + torch.arange(R, device=q.device)).repeat(1, Gm)  # [n, Gm * R]
-        allowed = (idx >= 0).unsqueeze(-2) & (idx.unsqueeze(-2) <= qpos.unsqueeze(-1))  # [B, M, n, Gm * R, L]
-        s = torch.matmul(qb[:, :, sl].float(), kk.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # every real query sees at least itself
-        p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
-        outs.append(torch.matmul(p, vv))  # [B, M, n, Gm * R, D]
-        lses.append(lse)
+        kk, vv = _gather_rows(k_flat, rows, dtype), _gather_rows(v_flat, rows, dtype)  # [B, M, n, L, D]
+        s = torch.matmul(qb[:, :, sl].to(dtype), kk.transpose(-1, -2)).float()  # [B, M, n, Gm * R, L]
+        s += _causal_bias(starts[sl], ends[sl], local_start[sl], R, Gm, sink_keys, K * b_k, local_len)
+        missing = blocks[:, :, sl] < 0  # short search regions leave mask slots unused
+        if bool(missing.any()):
+            cols = missing.unsqueeze(-1).expand(-1, -1, -1, -1, b_k).flatten(-2)  # [B, M, n, K * b_k]
+            s[..., sink_keys : sink_keys + K * b_k].masked_fill_(cols.unsqueeze(-2), float("-inf"))
+        if return_lse:
+            lses.append(torch.logsumexp(s, dim=-1))  # every real query sees at least itself
+        p = torch.softmax(s, dim=-1)
+        outs.append(torch.matmul(p.to(dtype), vv))  # [B, M, n, Gm * R, D]
     out = torch.cat(outs, dim=2).view(B, M, N, Gm, R, D).transpose(2, 3).reshape(B, H, N * R, D)[:, :, :S]
+    if not return_lse:
+        return out.to(q.dtype), None
     lse = torch.cat(lses, dim=2).view(B, M, N, Gm, R).transpose(2, 3).reshape(B, H, N * R)[:, :, :S]
     return out.to(q.dtype), lse.contiguous()
 
 
-# ---------------------------------------------------------------------------- dispatch and accounting
+# ---------------------------------------------------------------------------- C++ (CPU) and dispatch
+def _cpp_module():
+    """``longctx._C`` when it was built with the HiP kernels (csrc/hip.cpp), else ``None``."""
+    try:
+        from longctx import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "hip_attention") else None
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype = torch.float32):
+    # zero-copy for contiguous tensors of the right dtype on the CPU
+    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+
+
+def hip_mask_cpp(q: torch.Tensor, k: torch.Tensor, q_offset: int, config: Any) -> HiPMask:
+    """:func:`hip_mask_ref` fused in C++ (one OpenMP region; fp32 CPU tensors)."""
+    B, H, S, D = q.shape
+    starts, ends, local_start = block_geometry(S, q_offset, config, torch.device("cpu"))
+    blocks, reads = _cpp_module().hip_mask(
+        _np(q), _np(storage_view(k)), _np(starts, torch.int64), _np(ends, torch.int64), _np(local_start, torch.int64),
+        q_offset, config.mask_blocks, config.block_size_k, config.block_stride_q, config.block_stride_k,
+        rows_per_block(S, config), config.sink_blocks, bool(config.gqa_shared_mask),
+    )
+    reads = torch.from_numpy(reads).sum(dim=(0, 1))
+    return HiPMask(torch.from_numpy(blocks).to(q.device), local_start.to(q.device), reads)
+
+
+def hip_attention_cpp(q, k, v, blocks, local_start, q_offset, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hip_attention_ref` fused in C++ (online softmax per query block; fp32 CPU tensors)."""
+    B, H, S, D = q.shape
+    starts, ends, _ = block_geometry(S, q_offset, config, torch.device("cpu"))
+    sink_keys = min(config.sink_blocks * config.block_size_k, k.shape[2])
+    k_full, v_full = storage_view(k), storage_view(v)  # the kernel never reads past the live length
+    if k_full.shape != v_full.shape:
+        k_full, v_full = k.contiguous(), v.contiguous()
+    out, lse = _cpp_module().hip_attention(
+        _np(q), _np(k_full), _np(v_full), _np(blocks, torch.int64), _np(starts, torch.int64), _np(ends, torch.int64),
+        _np(local_start, torch.int64), q_offset, config.block_size_k, rows_per_block(S, config), sink_keys,
+    )
+    return torch.from_numpy(out).to(device=q.device, dtype=q.dtype), torch.from_numpy(lse).to(q.device)
+
+
+def _choose(q: torch.Tensor, k: torch.Tensor, impl: Optional[str]) -> str:
+    """``triton`` / ``cpp`` / ``ref`` for these tensors; K/V on another device (offload) take ``ref``."""
+    choice = pick_impl(q.device, impl)
+    if k.device != q.device:
+        return "ref"  # gathers where K/V live and moves only the rows it reads
+    if choice == "cpp" and (q.device.type != "cpu" or _cpp_module() is None):
+        return "ref"
+    return choice
+
+
 def hip_mask(q: torch.Tensor, k: torch.Tensor, q_offset: int, config: Any, impl: Optional[str] = None) -> HiPMask:
-    """Mask estimation: Triton on CUDA (or ``LONGCTX_OPS=triton``), else the torch reference.
+    """Mask estimation: Triton on CUDA, C++ on CPU, torch reference otherwise (``LONGCTX_OPS`` forces one).
 
     Same parameters and result as :func:`hip_mask_ref`; K/V on another device than ``q``
     (host-tier offload) always take the reference path, which moves only scored rows.
     """
-    if pick_impl(q.device, impl) == "triton" and k.device == q.device:
+    choice = _choose(q, k, impl)
+    if choice == "triton":
         from longctx.triton_kernels.hip_mask import hip_mask_triton
 
         return hip_mask_triton(q, k, q_offset, config)
+    if choice == "cpp":
+        return hip_mask_cpp(q, k, q_offset, config)
     return hip_mask_ref(q, k, q_offset, config)
 
 
@@ -372,16 +478,20 @@ def hip_attention(
     q_offset: int,
     config: Any,
     impl: Optional[str] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention: Triton on CUDA (or ``LONGCTX_OPS=triton``), else the torch reference.
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Block-sparse attention: Triton on CUDA, C++ on CPU, torch reference otherwise.
 
-    Same parameters and result as :func:`hip_attention_ref`.
+    Same parameters and result as :func:`hip_attention_ref` (the kernels always return the LSE).
     """
-    if pick_impl(q.device, impl) == "triton" and k.device == q.device:
+    choice = _choose(q, k, impl)
+    if choice == "triton":
         from longctx.triton_kernels.hip_attention import hip_attention_triton
 
         return hip_attention_triton(q, k, v, blocks, local_start, q_offset, config)
-    return hip_attention_ref(q, k, v, blocks, local_start, q_offset, config)
+    if choice == "cpp":
+        return hip_attention_cpp(q, k, v, blocks, local_start, q_offset, config)
+    return hip_attention_ref(q, k, v, blocks, local_start, q_offset, config, return_lse=return_lse)
 
 
 def attended_counts(blocks: torch.Tensor, local_start: torch.Tensor, q_offset: int, S: int, T: int, config: Any):
@@ -428,7 +538,10 @@ __all__ = [
     "hip_attention",
     "hip_mask_ref",
     "hip_attention_ref",
+    "hip_mask_cpp",
+    "hip_attention_cpp",
     "block_geometry",
+    "storage_view",
     "mask_heads",
     "num_iterations",
     "initial_ranges",

@@ -1,0 +1,101 @@
+"""The bundled tiny models (longctx/models_data) and the script that trains them (longctx/tiny.py)."""
+import random
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from longctx import tiny
+from longctx.hub import MODELS_DATA, load_tiny, resolve_model_path
+
+TARGET = MODELS_DATA / "tiny-target"
+DRAFT = MODELS_DATA / "tiny-draft"
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_tiny("tiny")
+
+
+def test_resolve_model_path():
+    assert resolve_model_path("tiny") == str(TARGET)
+    assert resolve_model_path("tiny-target") == str(TARGET)
+    assert resolve_model_path("tiny-draft") == str(DRAFT)
+    assert resolve_model_path("some/hub-id") == "some/hub-id"
+    assert resolve_model_path("/a/path") == "/a/path"
+
+
+def test_bundled_models_load_by_path_and_size():
+    total = 0
+    for path in (TARGET, DRAFT):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        cfg = model.config
+        assert cfg.model_type == "llama"
+        assert cfg.head_dim >= 32 and cfg.num_attention_heads % cfg.num_key_value_heads == 0
+        assert len(tok) == cfg.vocab_size
+        total += sum(f.stat().st_size for f in Path(path).iterdir())
+    assert total <= 25 * 2**20
+    t, d = (AutoModelForCausalLM.from_pretrained(p).config for p in (TARGET, DRAFT))
+    assert t.num_key_value_heads < t.num_attention_heads  # GQA
+    # draft is several times cheaper per token (non-embedding parameters)
+    per_layer = lambda c: c.num_hidden_layers * (c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2) + 3 * c.hidden_size * c.intermediate_size)  # noqa: E731
+    assert per_layer(t) >= 3 * per_layer(d)
+
+
+def test_tokenizer_round_trips_numbers_uuids_words(target):
+    _, tok = target
+    rng = random.Random(0)
+    words = tiny._KEY_ADJ[:50] + tiny._KEY_NOUN[:50]
+    texts = [str(rng.randint(10**6, 10**7 - 1)) for _ in range(20)]
+    texts += [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(20)]
+    texts += [f"{rng.choice(words)}-{rng.choice(words)}" for _ in range(20)] + ["Zyzzyva, qwerty! 42"]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    # digit-level numbers: a 7-digit number is 7 tokens
+    assert len(tok(" 1234567", add_special_tokens=False)["input_ids"]) == 8  # space + 7 digits
+
+
+def test_chat_template_applies(target):
+    _, tok = target
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<s><|user|>\nhello</s>\n<|assistant|>\n"
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids[0] == tok.bos_token_id
+
+
+def test_target_retrieves_needle_at_1k(target):
+    model, tok = target
+    samples = tiny.sized_niah_samples(tok, "niah_single_1", 1024, 3, seed=7)
+    for s in samples:
+        assert 800 < len(tok.tokenize(s.prompt)) <= 1024 - 128
+        text, _ = tiny.greedy_answer(model, tok, s.prompt, 10)
+        assert s.outputs[0] in text, (s.outputs, text)
+
+
+def test_ruler_prompt_format():
+    s = tiny.niah_sample(random.Random(0), "niah_single_1", 3, tiny.load_essay_words())
+    assert s.prompt.startswith("A special magic number is hidden within the following text. Make sure to memorize it.")
+    assert tiny.NOISE_LINE in s.prompt and "One of the special magic numbers for " in s.prompt
+    assert s.prompt.endswith(" mentioned in the provided text is")
+    m = tiny.niah_sample(random.Random(0), "niah_multiquery", 50, tiny.load_essay_words())
+    assert m.prompt.startswith("Some special magic numbers are hidden") and m.prompt.endswith("text are")
+    assert ", and " in m.prompt.split("\n")[-1] and len(m.outputs) == 4
+    assert tiny.string_match_all([" 1, 2"], [["1", "3"]]) == 50.0
+
+
+def test_training_reduces_loss():
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    model = tiny.build_model(cfg, tok, seed=0)
+    stages = [tiny.Stage(steps=30, min_len=64, max_len=128, batch_size=8)]
+    hist = tiny.train({"m": model}, tok, stages, seed=0, lr=3e-3, warmup=5, log_every=5,
+                      mix=[("niah_single_1", 1.0)], essay_words=tiny.load_essay_words()[:5000])
+    losses = [h["loss_m"] for h in hist]
+    assert len(losses) == 6
+    assert losses[-1] < 0.6 * losses[0], losses
