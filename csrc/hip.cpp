@@ -41,6 +41,10 @@ using IArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kKeyTile = 64;  // keys per attention tile: P [kKeyTile][RT] stays in L1
+constexpr int64_t kPrefetchKeys = 8;  // gathered rows are random: fetch this many keys ahead
+// Below this many (query row x key) products a call runs on one thread: waking a second
+// thread costs more than it saves at decode, and far more on a loaded machine.
+constexpr int64_t kParallelWork = int64_t(1) << 22;
 
 // s0[r] = <q_r, k0>, s1[r] = <q_r, k1> for the RT rows of qt ([D][RT]); each q element feeds 2 FMAs.
 template <int RT>
@@ -212,7 +216,7 @@ void mask_item(const MaskArgs& a, int64_t item, std::vector<float>& qt, std::vec
       const float* qtile = qt.data() + t * D * RT;
       for (int64_t p = 0; p < nkeys; p += 2) {
         const int64_t p1 = std::min(p + 1, nkeys - 1);
-        for (int64_t f = p + 4; f < std::min(p + 6, nkeys); ++f) prefetch_row(kptr[f], D);
+        for (int64_t f = p + kPrefetchKeys; f < std::min(p + kPrefetchKeys + 2, nkeys); ++f) prefetch_row(kptr[f], D);
         score_pair<RT>(qtile, D, kptr[p], kptr[p1], srow, srow + RT);
         float m0 = kNegInf, m1 = kNegInf;
         for (int r = 0; r < RT; ++r) {
@@ -267,9 +271,12 @@ py::tuple hip_mask(FArray q, FArray k, IArray starts, IArray ends, IArray local_
   const int64_t tiles = (R + RT - 1) / RT;
   const int64_t nk = (block_size_k + stride_k - 1) / stride_k;
   const int64_t items = a.B * a.M * a.N;
+  int64_t longest = 0;
+  for (int64_t i = 0; i < a.N; ++i) longest = std::max(longest, a.local_start[i] / block_size_k - sink_blocks);
+  const int64_t work = items * tiles * RT * 2 * num_kept * nk * std::max<int64_t>(1, 64 - __builtin_clzll(longest / num_kept + 1));
   {
     py::gil_scoped_release release;
-#pragma omp parallel
+#pragma omp parallel if (work >= kParallelWork)
     {
       std::vector<float> qt(tiles * RT * a.D);
       std::vector<int64_t> ibuf(8 * num_kept);
@@ -343,7 +350,8 @@ void attention_item(const AttnArgs& a, int64_t item, std::vector<int64_t>& keys,
       // -- scores of the tile [nb][RT]; keys after a row's query are masked (causal)
       for (int64_t j = 0; j < nb; j += 2) {
         const int64_t j1 = std::min(j + 1, nb - 1);
-        for (int64_t f = j0 + j + 4; f < std::min(j0 + j + 6, L); ++f) prefetch_row(kbase + keys[f] * D, D);
+        for (int64_t f = j0 + j + kPrefetchKeys; f < std::min(j0 + j + kPrefetchKeys + 2, L); ++f)
+          prefetch_row(kbase + keys[f] * D, D);
         prefetch_row(vbase + keys[j0 + j] * D, D);  // V rows of this tile are read after the softmax
         prefetch_row(vbase + keys[j0 + j1] * D, D);
         float* s1 = j1 > j ? p.data() + j1 * RT : p.data() + kKeyTile * RT;  // odd tail: scratch row
@@ -421,9 +429,10 @@ py::tuple hip_attention(FArray q, FArray k, FArray v, IArray blocks, IArray star
   const bool small = a.Gm * rows_per_block <= 16;
   const int64_t RT = small ? 16 : 64;
   const int64_t items = a.B * a.M * a.N;
+  const int64_t work = items * ((a.Gm * rows_per_block + RT - 1) / RT) * RT * max_keys;
   {
     py::gil_scoped_release release;
-#pragma omp parallel
+#pragma omp parallel if (work >= kParallelWork)
     {
       std::vector<int64_t> keys(max_keys + RT);
       std::vector<float> qt(a.D * RT), acc(a.D * RT), p((kKeyTile + 1) * RT), stat(5 * RT);

@@ -12,12 +12,14 @@
 // Scores are inner products (maximum inner product search), "closer" = larger q.k.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -246,7 +248,8 @@ struct GraphView {
 
 // Best-first beam search of width L for the keys with the largest inner product with q.
 // `skip` (a node id or kNone) is traversed but left out of the beam. Returns the keys scored.
-int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size_t L, uint32_t skip, Scratch& s) {
+int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size_t L, uint32_t skip, Scratch& s,
+                    const int64_t* seeds = nullptr, int64_t n_seeds = 0) {
   const int64_t D = keys.dim;
   s.visited.reset(g.n);
   s.beam.reset(L);
@@ -283,6 +286,10 @@ int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size
   s.fresh.clear();
   for (uint32_t e : *g.entries) {
     if (e < g.n && !s.visited.test_set(e)) s.fresh.push_back(e);
+  }
+  for (int64_t j = 0; j < n_seeds; ++j) {
+    if (seeds[j] >= 0 && seeds[j] < g.n && !s.visited.test_set(static_cast<uint32_t>(seeds[j])))
+      s.fresh.push_back(static_cast<uint32_t>(seeds[j]));
   }
   score_fresh();
   // the skipped node may be the only entry: start from its neighbours then
@@ -552,7 +559,21 @@ class GraphIndex {
         for (int64_t j = 1; j < kq; ++j) {
           if (row[j] >= 0 && row[j] < n) cands.push_back({0.f, static_cast<uint32_t>(row[j])});
         }
-        connect(proj, ks, pivot, cands, proj_rule(), s);
+        if (envb("LC_PNOPRUNE", false)) {
+          uint32_t* nb = proj.nbrs(pivot);
+          uint32_t& d = proj.deg[pivot];
+          for (auto& c : cands) {
+            if (d >= proj.R) break;
+            if (std::find(nb, nb + d, c.id) == nb + d && c.id != pivot) nb[d++] = c.id;
+          }
+          if (envb("LC_PREV", true)) for (auto& c : cands) {
+            uint32_t* rb = proj.nbrs(c.id);
+            uint32_t& rd = proj.deg[c.id];
+            if (rd < proj.R && std::find(rb, rb + rd, pivot) == rb + rd && c.id != pivot) rb[rd++] = pivot;
+          }
+        } else {
+          connect(proj, ks, pivot, cands, proj_rule(), s);
+        }
       }
       proj_[h].assign(proj);
       entries_[h] = base_entries_[h / group_size_];
@@ -590,8 +611,16 @@ class GraphIndex {
 
   // queries: [H, S, D]. Returns (ids [H, S, k] int64 best first, -1 padded; scanned [H, S] int64).
   py::tuple search(const py::array& keys, const py::array_t<float, py::array::c_style | py::array::forcecast>& queries,
-                   int k, int ef, int num_threads) {
+                   int k, int ef, int num_threads, std::optional<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> seeds) {
     std::vector<KeySet> sets = key_sets(keys);
+    const int64_t* seed_ptr = nullptr;
+    int64_t n_seeds = 0;
+    if (seeds) {
+      if (seeds->ndim() != 3 || seeds->shape(0) != num_graphs_ || seeds->shape(1) != queries.shape(1))
+        throw std::invalid_argument("GraphIndex.search requires seeds of shape [H, S, m]");
+      seed_ptr = seeds->data();
+      n_seeds = seeds->shape(2);
+    }
     if (sets[0].n != n_keys())
       throw std::invalid_argument("GraphIndex.search requires keys with n_keys=" + std::to_string(n_keys()) +
                                   " rows (got " + std::to_string(sets[0].n) + ")");
@@ -635,7 +664,7 @@ class GraphIndex {
           continue;
         }
         GraphView view{&base_[h / group_size_], &proj_[h], &entries_[h], static_cast<uint32_t>(n)};
-        scan_ptr[t] = beam_search(view, ks, q, L, kNone, s);
+        scan_ptr[t] = beam_search(view, ks, q, L, kNone, s, seed_ptr ? seed_ptr + t * n_seeds : nullptr, n_seeds);
         const auto& items = s.beam.items();
         const size_t m = std::min<size_t>(static_cast<size_t>(k), items.size());
         for (size_t i = 0; i < m; ++i) out[i] = items[i].id;
@@ -831,7 +860,7 @@ stride) and are never copied.
            "Build every graph from keys [Hkv, N, D] and the training queries' exact kNN lists knn [H, Nq, Kq] int32.")
       .def("add", &GraphIndex::add, "keys"_a, "num_threads"_a = 0,
            "Insert rows [n_keys, N) of keys [Hkv, N, D] into every graph.")
-      .def("search", &GraphIndex::search, "keys"_a, "queries"_a, "k"_a, "ef"_a, "num_threads"_a = 0,
+      .def("search", &GraphIndex::search, "keys"_a, "queries"_a, "k"_a, "ef"_a, "num_threads"_a = 0, "seeds"_a = py::none(),
            "Beam search: queries [H, S, D] -> (ids [H, S, k] int64 best first, -1 padded; scanned [H, S] int64).")
       .def("truncate", &GraphIndex::truncate, "n_keys"_a, "Drop keys [n_keys, N) and their edges.")
       .def("nbytes", &GraphIndex::nbytes)

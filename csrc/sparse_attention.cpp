@@ -12,12 +12,12 @@
 // Inputs are fp32 / int64 numpy arrays (zero-copy views of CPU torch tensors; K/V may be strided,
 // e.g. a [:, :, :T] slice of a preallocated cache, as long as each row of D floats is contiguous);
 // outputs are new numpy arrays handed back to torch with torch.from_numpy.
-// The AVX-512 paths are used when built for such a CPU (setup.py passes -march=native); the
-// portable paths are plain loops the compiler vectorises.
+// The inner loops use AVX-512 or AVX2+FMA when built for such a CPU (setup.py passes
+// -march=native), else plain loops the compiler vectorises; `_C.sparse_attention_isa` says which.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 // gcc 12 flags the _mm*_undefined_* placeholders inside its own AVX-512 headers
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -55,126 +55,206 @@ inline void prefetch_row(const float* row, int64_t D) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Block primitives. Each has an AVX-512 version (built with -march=native on such CPUs) and a
-// portable one; both compute the same thing, the portable one lets the compiler vectorise.
+// Block primitives, written once over a small vector type `Simd` (AVX-512 or AVX2+FMA, picked
+// at compile time; setup.py builds with -march=native) plus plain loops for other CPUs.
 //   score_rows4:  scores of 4 query rows against one K row (the K row is loaded once)
-//   exp_row:      in place s[j] <- exp(s[j] - mx) over one row of the score tile, returns the sum
-//   accumulate:   acc[r, :] += sum_j p[r, j] * v_j for a group of rows over the whole block
+//   row_max / exp_row: one row of the score tile -> exp(s - max) in place, returning the sum
+//   accumulate:   acc[r, :] += sum_j p[r, j] * v_j for all rows of the tile over the whole block
 // ---------------------------------------------------------------------------------------------
 #if defined(__AVX512F__)
-// horizontal sum / max of 16 lanes (gcc 12's _mm512_reduce_* trip -Wmaybe-uninitialized)
-inline float hsum(__m512 v) {
-  // 128-bit lanes (0+2, 1+3) land in the low half
-  const __m256 s8 = _mm512_castps512_ps256(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2))));
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-  return _mm_cvtss_f32(s4);
-}
+#define LONGCTX_SIMD 1
+constexpr const char* kIsa = "avx512";
+struct Simd {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int64_t W = 16;
+  static constexpr int kChunks = 4;  // 4 rows x 4 vectors of accumulators = 16 of the 32 registers
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static M tail(int64_t left) { return left >= W ? static_cast<M>(0xFFFF) : static_cast<M>((1u << left) - 1); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }  // masked-off lanes read 0
+  static V load_or(M m, const float* p, float fill) { return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static V keep(M m, V v) { return _mm512_maskz_mov_ps(m, v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  // horizontal sum / max (gcc 12's _mm512_reduce_* trip -Wmaybe-uninitialized): 128-bit lanes
+  // (0+2, 1+3) go to the low half, then the AVX2 reduction
+  static float hsum(V v) {
+    return hsum8(_mm512_castps512_ps256(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)))));
+  }
+  static float hmax(V v) {
+    return hmax8(_mm512_castps512_ps256(_mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)))));
+  }
+  static float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  static V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // y * 2^n; scalef underflows cleanly to 0
+  static V ldexp(V y, V n, V x) { (void)x; return _mm512_scalef_ps(y, n); }
+  static constexpr float kExpMin = -104.f;  // exp(-104) underflows to 0 through scalef
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LONGCTX_SIMD 1
+constexpr const char* kIsa = "avx2";
+struct Simd {
+  using V = __m256;
+  using M = __m256i;
+  static constexpr int64_t W = 8;
+  static constexpr int kChunks = 2;  // 4 rows x 2 vectors of accumulators = 8 of the 16 registers
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static M tail(int64_t left) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, W))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(M m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static V load_or(M m, const float* p, float fill) {
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static V keep(M m, V v) { return _mm256_and_ps(v, _mm256_castsi256_ps(m)); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // y * 2^n by building the float 2^n from its exponent bits (n >= -126 after the clamp below);
+  // lanes whose input was below the clamp are flushed to 0, as exp would underflow there
+  static V ldexp(V y, V n, V x) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const V r = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(kExpMin), _CMP_GT_OQ));
+  }
+  static constexpr float kExpMin = -87.3f;  // 2^-126 is the smallest normal float
+};
+#endif
 
-inline float hmax(__m512 v) {
-  const __m256 s8 = _mm512_castps512_ps256(_mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2))));
-  __m128 s4 = _mm_max_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s4 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_max_ss(s4, _mm_movehdup_ps(s4));
-  return _mm_cvtss_f32(s4);
-}
+#if defined(LONGCTX_SIMD)
+using V = Simd::V;
 
-// exp(x) for x <= 0: Cephes expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp); the
-// 2^n scaling uses scalef, which underflows cleanly to 0 (x = -inf or x < -104 gives 0).
-inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 split in two for exactness
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
+// exp(x) for x <= 0: Cephes expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp).
+inline V exp_nonpos(V x) {
+  const V xc = Simd::max(x, Simd::set1(Simd::kExpMin));
+  const V n = Simd::round(Simd::fmadd(xc, Simd::set1(1.44269504088896341f), Simd::zero()));
+  V r = Simd::fmadd(n, Simd::set1(-0.693359375f), xc);  // ln 2 split in two for exactness
+  r = Simd::fmadd(n, Simd::set1(2.12194440e-4f), r);
+  V y = Simd::set1(1.9875691500e-4f);
+  y = Simd::fmadd(y, r, Simd::set1(1.3981999507e-3f));
+  y = Simd::fmadd(y, r, Simd::set1(8.3334519073e-3f));
+  y = Simd::fmadd(y, r, Simd::set1(4.1665795894e-2f));
+  y = Simd::fmadd(y, r, Simd::set1(1.6666665459e-1f));
+  y = Simd::fmadd(y, r, Simd::set1(5.0000001201e-1f));
+  y = Simd::fmadd(y, Simd::fmadd(r, r, Simd::zero()), Simd::add(r, Simd::set1(1.f)));
+  return Simd::ldexp(y, n, x);
 }
-
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 
 inline void score_rows4(const float* q, int64_t D, const float* krow, float* scores, int64_t j) {
   const float* q0 = q;
   const float* q1 = q + D;
   const float* q2 = q + 2 * D;
   const float* q3 = q + 3 * D;
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 mk = tail_mask(D - d);
-    const __m512 kd = _mm512_maskz_loadu_ps(mk, krow + d);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + d), kd, a0);
-    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q1 + d), kd, a1);
-    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q2 + d), kd, a2);
-    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q3 + d), kd, a3);
+  V a0 = Simd::zero(), a1 = Simd::zero(), a2 = Simd::zero(), a3 = Simd::zero();
+  int64_t d = 0;
+  for (; d + Simd::W <= D; d += Simd::W) {
+    const V kd = Simd::load(krow + d);
+    a0 = Simd::fmadd(Simd::load(q0 + d), kd, a0);
+    a1 = Simd::fmadd(Simd::load(q1 + d), kd, a1);
+    a2 = Simd::fmadd(Simd::load(q2 + d), kd, a2);
+    a3 = Simd::fmadd(Simd::load(q3 + d), kd, a3);
   }
-  scores[j] = hsum(a0);
-  scores[kBlockN + j] = hsum(a1);
-  scores[2 * kBlockN + j] = hsum(a2);
-  scores[3 * kBlockN + j] = hsum(a3);
+  if (d < D) {
+    const auto mk = Simd::tail(D - d);
+    const V kd = Simd::load(mk, krow + d);
+    a0 = Simd::fmadd(Simd::load(mk, q0 + d), kd, a0);
+    a1 = Simd::fmadd(Simd::load(mk, q1 + d), kd, a1);
+    a2 = Simd::fmadd(Simd::load(mk, q2 + d), kd, a2);
+    a3 = Simd::fmadd(Simd::load(mk, q3 + d), kd, a3);
+  }
+  scores[j] = Simd::hsum(a0);
+  scores[kBlockN + j] = Simd::hsum(a1);
+  scores[2 * kBlockN + j] = Simd::hsum(a2);
+  scores[3 * kBlockN + j] = Simd::hsum(a3);
 }
 
 inline float dot(const float* a, const float* b, int64_t D) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 mk = tail_mask(D - d);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + d), _mm512_maskz_loadu_ps(mk, b + d), acc);
+  V acc = Simd::zero();
+  int64_t d = 0;
+  for (; d + Simd::W <= D; d += Simd::W) acc = Simd::fmadd(Simd::load(a + d), Simd::load(b + d), acc);
+  if (d < D) {
+    const auto mk = Simd::tail(D - d);
+    acc = Simd::fmadd(Simd::load(mk, a + d), Simd::load(mk, b + d), acc);
   }
-  return hsum(acc);
+  return Simd::hsum(acc);
 }
 
 inline float row_max(const float* s, int64_t nb, float init) {
-  __m512 mx = _mm512_set1_ps(init);
-  for (int64_t j = 0; j < nb; j += 16)
-    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), tail_mask(nb - j), s + j));
-  return hmax(mx);
+  V mx = Simd::set1(init);
+  for (int64_t j = 0; j < nb; j += Simd::W) mx = Simd::max(mx, Simd::load_or(Simd::tail(nb - j), s + j, kNegInf));
+  return Simd::hmax(mx);
 }
 
 inline float exp_row(float* s, int64_t nb, float mx) {
-  const __m512 vmx = _mm512_set1_ps(mx);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < nb; j += 16) {
-    const __mmask16 mk = tail_mask(nb - j);
-    const __m512 e = _mm512_maskz_mov_ps(mk, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j), vmx)));
-    _mm512_mask_storeu_ps(s + j, mk, e);
-    sum = _mm512_add_ps(sum, e);
+  const V vmx = Simd::set1(mx);
+  V sum = Simd::zero();
+  for (int64_t j = 0; j < nb; j += Simd::W) {
+    const auto mk = Simd::tail(nb - j);
+    const V e = Simd::keep(mk, exp_nonpos(Simd::sub(Simd::load(mk, s + j), vmx)));
+    Simd::store(s + j, mk, e);
+    sum = Simd::add(sum, e);
   }
-  return hsum(sum);
+  return Simd::hsum(sum);
 }
 
-// acc[r, c:c+16*NCH] for NR rows stays in registers over the whole block of V rows: one load
+// acc[r, c : c + W*NCH] for NR rows stays in registers over the whole block of V rows: one load
 // of each V vector feeds NR FMAs and nothing is stored until the block ends.
 template <int NR, int NCH>
 inline void accumulate_block(float* acc, int64_t D, const float* const* vrows, const float* p, int64_t nb) {
-  for (int64_t c = 0; c < D; c += 16 * NCH) {
-    __m512 a[NR][NCH];
+  for (int64_t c = 0; c < D; c += Simd::W * NCH) {
+    V a[NR][NCH];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < NCH; ++i) a[r][i] = _mm512_loadu_ps(acc + r * D + c + 16 * i);
+      for (int i = 0; i < NCH; ++i) a[r][i] = Simd::load(acc + r * D + c + Simd::W * i);
     for (int64_t j = 0; j < nb; ++j) {
-      __m512 vv[NCH];
-      for (int i = 0; i < NCH; ++i) vv[i] = _mm512_loadu_ps(vrows[j] + c + 16 * i);
+      V vv[NCH];
+      for (int i = 0; i < NCH; ++i) vv[i] = Simd::load(vrows[j] + c + Simd::W * i);
       for (int r = 0; r < NR; ++r) {
-        const __m512 pr = _mm512_set1_ps(p[r * kBlockN + j]);
-        for (int i = 0; i < NCH; ++i) a[r][i] = _mm512_fmadd_ps(pr, vv[i], a[r][i]);
+        const V pr = Simd::set1(p[r * kBlockN + j]);
+        for (int i = 0; i < NCH; ++i) a[r][i] = Simd::fmadd(pr, vv[i], a[r][i]);
       }
     }
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < NCH; ++i) _mm512_storeu_ps(acc + r * D + c + 16 * i, a[r][i]);
+      for (int i = 0; i < NCH; ++i) Simd::store(acc + r * D + c + Simd::W * i, a[r][i]);
   }
 }
 
 template <int NR>
 inline void accumulate_rows(float* acc, int64_t D, const float* const* vrows, const float* p, int64_t nb) {
-  if (D % 64 == 0) return accumulate_block<NR, 4>(acc, D, vrows, p, nb);
-  if (D % 32 == 0) return accumulate_block<NR, 2>(acc, D, vrows, p, nb);
-  if (D % 16 == 0) return accumulate_block<NR, 1>(acc, D, vrows, p, nb);
-  for (int64_t j = 0; j < nb; ++j)  // odd head dims: plain axpy per row
+  if (D % (Simd::W * Simd::kChunks) == 0) return accumulate_block<NR, Simd::kChunks>(acc, D, vrows, p, nb);
+  if (D % Simd::W == 0) return accumulate_block<NR, 1>(acc, D, vrows, p, nb);
+  for (int64_t j = 0; j < nb; ++j)  // head dims that are not a multiple of the vector width
     for (int r = 0; r < NR; ++r) {
       const float pr = p[r * kBlockN + j];
       float* a = acc + r * D;
@@ -194,6 +274,8 @@ inline void accumulate(float* acc, int64_t nr, int64_t D, const float* const* vr
   }
 }
 #else
+constexpr const char* kIsa = "portable";
+
 inline void score_rows4(const float* q, int64_t D, const float* krow, float* scores, int64_t j) {
   const float* q0 = q;
   const float* q1 = q + D;
@@ -474,6 +556,7 @@ py::tuple sparse_attention_forward(const FArray& q, const StridedFArray& k, cons
 }  // namespace
 
 void register_sparse_attention(py::module_& m) {
+  m.attr("sparse_attention_isa") = kIsa;
   m.def("sparse_attention", &sparse_attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("indices"), py::arg("scale"), py::arg("num_threads") = 0,
         R"doc(Sparse attention with its log-sum-exp (fp32, OpenMP), as sparse_attention_ref.

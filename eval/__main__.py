@@ -1,4 +1,5 @@
 """``python -m longctx.eval``: the evaluation CLI, also the entry point for torchrun / accelerate launch."""
+
 import sys
 
 from .cli import main

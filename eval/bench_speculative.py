@@ -97,10 +97,20 @@ def _load(name: str, dtype: torch.dtype):
 
 
 def _prompt(tokenizer, task: str, context: int, seed: int, max_new: int) -> torch.Tensor:
+    """A RULER NIAH prompt of about ``context - max_new`` tokens (the sizing rule re-run until it fits)."""
     from longctx.tiny import sized_niah_samples
 
-    sample = sized_niah_samples(tokenizer, task, context, 1, seed, tokens_to_generate=max_new)[0]
-    return tokenizer(sample.prompt, return_tensors="pt").input_ids
+    want, asked = context - max_new, context
+    best = None
+    for _ in range(5):
+        sample = sized_niah_samples(tokenizer, task, asked, 1, seed, tokens_to_generate=max_new)[0]
+        ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+        if ids.shape[1] <= want and (best is None or ids.shape[1] > best.shape[1]):
+            best = ids
+        if 0.97 * want <= ids.shape[1] <= want:
+            break
+        asked = max_new + int((asked - max_new) * want / ids.shape[1] * (0.99 if ids.shape[1] > want else 1.0))
+    return best if best is not None else ids[:, -want:]
 
 
 def _parse_middle_opts(items: Optional[Sequence[str]]) -> dict[str, dict[str, str]]:

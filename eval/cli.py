@@ -14,6 +14,7 @@ The same run sharded over two processes (rank 0 merges)::
 Backend options: ``--backend NAME:key=value,key=value`` for that entry, ``--opt NAME.key=value``
 for every entry of that backend, ``--opt key=value`` for all entries (most specific wins).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ import logging
 import sys
 from typing import Optional
 
-from .runner import BENCHMARKS, BackendRun, EvalSpec, run_eval
+from .runner import BackendRun, EvalSpec, run_eval
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
 
 def _add_common(p: argparse.ArgumentParser, benchmark: str) -> None:
     p.add_argument("--model", required=True, help="model folder (from_pretrained) or a bundled model's short name")
-    p.add_argument("--backend", action="append", metavar="NAME[:k=v,...]", help="backend to evaluate (repeatable; default dense)")
+    p.add_argument(
+        "--backend", action="append", metavar="NAME[:k=v,...]", help="backend to evaluate (repeatable; default dense)"
+    )
     p.add_argument("--opt", action="append", metavar="[NAME.]KEY=VALUE", help="backend option (repeatable)")
     lengths_help = {
         "ruler": "comma-separated total lengths in tokens (default 4096)",
@@ -83,12 +86,20 @@ def _add_common(p: argparse.ArgumentParser, benchmark: str) -> None:
     p.add_argument("--lengths", default=None, help=lengths_help)
     if benchmark != "niah":
         p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
-    samples_help = {"ruler": "samples per task and length (default 500)", "longbench": "first N lines of each task file (default all)",
-                    "niah": "rounds per (length, depth) cell (default 1)"}[benchmark]
+    samples_help = {
+        "ruler": "samples per task and length (default 500)",
+        "longbench": "first N lines of each task file (default all)",
+        "niah": "rounds per (length, depth) cell (default 1)",
+    }[benchmark]
     p.add_argument("--samples", type=int, default=None, help=samples_help)
     p.add_argument("--output", default="results", help="results root folder (default ./results)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--chat-template", default="auto", help="auto (the model's own if any), model, none" + (", base, or a RULER template name" if benchmark == "ruler" else ""))
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        help="auto (the model's own if any), model, none"
+        + (", base, or a RULER template name" if benchmark == "ruler" else ""),
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the official generation lengths")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto: this process's GPU if any, else cpu")
@@ -97,8 +108,14 @@ def _add_common(p: argparse.ArgumentParser, benchmark: str) -> None:
 def _add_benchmark_parsers(sub) -> None:
     r = sub.add_parser("ruler", help="RULER's 13 tasks (synthetic ones need no data)")
     _add_common(r, "ruler")
-    r.add_argument("--data-dir", default=None, help="folder with PaulGrahamEssays.json, squad.json, hotpotqa.json, english_words.json")
-    r.add_argument("--essay", default=None, help="PaulGrahamEssays.json, a text file or a folder of .txt (essay NIAH tasks)")
+    r.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with PaulGrahamEssays.json, squad.json, hotpotqa.json, english_words.json",
+    )
+    r.add_argument(
+        "--essay", default=None, help="PaulGrahamEssays.json, a text file or a folder of .txt (essay NIAH tasks)"
+    )
     r.add_argument("--squad", default=None, help="SQuAD v2 dev-v2.0.json (qa_1)")
     r.add_argument("--hotpotqa", default=None, help="hotpot_dev_distractor_v1.json (qa_2)")
     r.add_argument("--cwe-words", default=None, help="RULER's english_words.json (cwe beyond ~128K tokens)")
@@ -106,13 +123,23 @@ def _add_benchmark_parsers(sub) -> None:
 
     b = sub.add_parser("longbench", help="LongBench v1 (21 tasks) from local jsonl files")
     _add_common(b, "longbench")
-    b.add_argument("--data-dir", default=None, help="folder with the official {task}.jsonl (or data/{task}.jsonl) files")
-    b.add_argument("--e", "--longbench-e", dest="longbench_e", action="store_true", help="LongBench-E: {task}_e.jsonl, length buckets")
+    b.add_argument(
+        "--data-dir", default=None, help="folder with the official {task}.jsonl (or data/{task}.jsonl) files"
+    )
+    b.add_argument(
+        "--e",
+        "--longbench-e",
+        dest="longbench_e",
+        action="store_true",
+        help="LongBench-E: {task}_e.jsonl, length buckets",
+    )
     b.set_defaults(func=run_from_args, benchmark="longbench")
 
     n = sub.add_parser("niah", help="needle in a haystack: depth x length grid and heatmap")
     _add_common(n, "niah")
-    n.add_argument("--haystack", default="noise", help="'noise' (RULER's noise text), a text/JSON file or a folder of .txt")
+    n.add_argument(
+        "--haystack", default="noise", help="'noise' (RULER's noise text), a text/JSON file or a folder of .txt"
+    )
     n.add_argument("--depths", default=None, help="comma-separated depth percents (default 0,10,...,100)")
     n.add_argument("--needle-style", default="number", choices=["number", "sandwich"])
     n.set_defaults(func=run_from_args, benchmark="niah")
@@ -172,12 +199,16 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m longctx.eval ruler|longbench|niah ...`` (also under torchrun / accelerate launch)."""
-    parser = argparse.ArgumentParser(prog="python -m longctx.eval", description="RULER, LongBench and NIAH on patched models")
+    parser = argparse.ArgumentParser(
+        prog="python -m longctx.eval", description="RULER, LongBench and NIAH on patched models"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
     sub = parser.add_subparsers(dest="benchmark", required=True)
     _add_benchmark_parsers(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -1,4 +1,5 @@
 """JSON-lines files: strict reading (errors name the file and line), appending, atomic writing."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,7 @@ class JsonlError(ValueError):
     """A malformed JSON-lines file; the message names the file and the 1-based line number."""
 
 
-def read_jsonl(
-    path: PathLike, required: Sequence[str] = (), allow_partial_tail: bool = False
-) -> list[dict[str, Any]]:
+def read_jsonl(path: PathLike, required: Sequence[str] = (), allow_partial_tail: bool = False) -> list[dict[str, Any]]:
     """Read one JSON object per line.
 
     Parameters

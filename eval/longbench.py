@@ -16,6 +16,7 @@ Data: the official ``data/{task}.jsonl`` (and ``{task}_e.jsonl`` for LongBench-E
 one object per line with ``input, context, answers, length, all_classes`` (and
 ``dataset, language, _id``), read from a local folder.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,11 +45,11 @@ DATASET2PROMPT: dict[str, str] = {
     "qasper": (
         "You are given a scientific article and a question. Answer the question as concisely as you can, using a "
         "single phrase or sentence if possible. If the question cannot be answered based on the information in the "
-        "article, write \"unanswerable\". If the question is a yes/no question, answer \"yes\", \"no\", or "
-        "\"unanswerable\". Do not provide any explanation.\n\nArticle: {context}\n\n Answer the question based on "
+        'article, write "unanswerable". If the question is a yes/no question, answer "yes", "no", or '
+        '"unanswerable". Do not provide any explanation.\n\nArticle: {context}\n\n Answer the question based on '
         "the above article as concisely as you can, using a single phrase or sentence if possible. If the question "
-        "cannot be answered based on the information in the article, write \"unanswerable\". If the question is a "
-        "yes/no question, answer \"yes\", \"no\", or \"unanswerable\". Do not provide any explanation.\n\n"
+        'cannot be answered based on the information in the article, write "unanswerable". If the question is a '
+        'yes/no question, answer "yes", "no", or "unanswerable". Do not provide any explanation.\n\n'
         "Question: {input}\n\nAnswer:"
     ),
     "multifieldqa_en": (
@@ -96,12 +97,12 @@ DATASET2PROMPT: dict[str, str] = {
     "passage_retrieval_en": (
         "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the "
         "abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of "
-        "the paragraph that the abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", "
+        'the paragraph that the abstract is from. The answer format must be like "Paragraph 1", "Paragraph 2", '
         "etc.\n\nThe answer is: "
     ),
     "passage_retrieval_zh": (
         "以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n{context}\n\n下面是一个摘要\n\n{input}\n\n"
-        "请输入摘要所属段落的编号。答案格式必须是\"段落1\"，\"段落2\"等格式\n\n答案是："
+        '请输入摘要所属段落的编号。答案格式必须是"段落1"，"段落2"等格式\n\n答案是：'
     ),
     "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
     "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
@@ -240,7 +241,9 @@ def code_sim_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
     """fuzzywuzzy ratio / 100 against the first line without a backtick, ``#`` or ``//``."""
     from fuzzywuzzy import fuzz
 
-    line = next((ln for ln in prediction.lstrip("\n").split("\n") if "`" not in ln and "#" not in ln and "//" not in ln), "")
+    line = next(
+        (ln for ln in prediction.lstrip("\n").split("\n") if "`" not in ln and "#" not in ln and "//" not in ln), ""
+    )
     return fuzz.ratio(line, ground_truth) / 100
 
 
@@ -299,7 +302,11 @@ def english_average(task_scores: dict[str, float]) -> Optional[float]:
     """The leaderboard's English Avg: the mean of the 6 category means over English and code tasks."""
     means = []
     for tasks in CATEGORIES.values():
-        vals = [task_scores[t] for t in tasks if t in task_scores and not t.endswith("_zh") and t not in ("dureader", "vcsum", "lsht")]
+        vals = [
+            task_scores[t]
+            for t in tasks
+            if t in task_scores and not t.endswith("_zh") and t not in ("dureader", "vcsum", "lsht")
+        ]
         if vals:
             means.append(sum(vals) / len(vals))
     return sum(means) / len(means) if means else None
@@ -321,7 +328,9 @@ def resolve_tasks(tasks: Optional[Sequence[str]], e: bool = False) -> list[str]:
     return list(tasks)
 
 
-def find_data_files(data_dir: Optional[str], tasks: Sequence[str], e: bool = False, explicit: bool = True) -> dict[str, Path]:
+def find_data_files(
+    data_dir: Optional[str], tasks: Sequence[str], e: bool = False, explicit: bool = True
+) -> dict[str, Path]:
     """Map each task to its jsonl file in ``data_dir`` (or ``data_dir/data``).
 
     Raises
@@ -345,7 +354,9 @@ def find_data_files(data_dir: Optional[str], tasks: Sequence[str], e: bool = Fal
         else:
             missing.append(name)
     if not found or (missing and explicit):
-        raise FileNotFoundError(f"LongBench data folder {data_dir} lacks {', '.join(missing)} (expected: {', '.join(names)})")
+        raise FileNotFoundError(
+            f"LongBench data folder {data_dir} lacks {', '.join(missing)} (expected: {', '.join(names)})"
+        )
     for name in missing:
         logger.warning("longbench: skipped, %s not found in %s", name, data_dir)
     return found
@@ -361,7 +372,9 @@ def _has_bos_text(tokenizer: Any, text: str) -> bool:
     return bool(bos) and text.startswith(bos)
 
 
-def build_prompt(tokenizer: Any, dataset: str, record: dict[str, Any], max_length: int, chat: str = "auto") -> dict[str, Any]:
+def build_prompt(
+    tokenizer: Any, dataset: str, record: dict[str, Any], max_length: int, chat: str = "auto"
+) -> dict[str, Any]:
     """The prompt ``pred.py`` sends to the model, and how it was made.
 
     Parameters
@@ -382,7 +395,9 @@ def build_prompt(tokenizer: Any, dataset: str, record: dict[str, Any], max_lengt
     truncated = len(ids) > max_length
     if truncated:
         half = int(max_length / 2)
-        prompt = tokenizer.decode(ids[:half], skip_special_tokens=True) + tokenizer.decode(ids[-half:], skip_special_tokens=True)
+        prompt = tokenizer.decode(ids[:half], skip_special_tokens=True) + tokenizer.decode(
+            ids[-half:], skip_special_tokens=True
+        )
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "model" and not has_template:
         raise ValueError("chat template 'model' requires a tokenizer with a chat_template (this one has none)")
@@ -390,7 +405,9 @@ def build_prompt(tokenizer: Any, dataset: str, record: dict[str, Any], max_lengt
         raise ValueError(f"LongBench chat mode requires one of ['auto', 'model', 'none'] (got {chat!r})")
     apply = chat != "none" and has_template and dataset not in NO_CHAT_TEMPLATE
     if apply:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return {
         "prompt": prompt,
         "truncated": truncated,

@@ -13,6 +13,7 @@ Each cell's needle carries a fresh 7-digit number (``--needle-style number``, de
 a model cannot answer from memory; ``--needle-style sandwich`` uses gkamradt's
 San Francisco needle, scored on "eat a sandwich and sit in Dolores Park".
 """
+
 from __future__ import annotations
 
 import json
@@ -139,7 +140,9 @@ def build_samples(
     def render(context: str) -> str:
         text = PROMPT.format(context=context, question=style["question"])
         if use_chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
         return text
 
     def n_tokens(text: str) -> int:
@@ -157,7 +160,10 @@ def build_samples(
                 needle_ids = tokenizer.encode(needle, add_special_tokens=False)
                 budget = int(L) - overhead - len(needle_ids) - max_new_tokens
                 if budget <= 0:
-                    raise ValueError(f"NIAH length {L} is too short: the prompt and needle alone take {overhead + len(needle_ids)} tokens")
+                    raise ValueError(
+                        f"NIAH length {L} is too short: the prompt and needle alone take "
+                        f"{overhead + len(needle_ids)} tokens"
+                    )
                 for _ in range(8):  # decode/re-encode can shift the count by a few tokens
                     ids = ins.insert(ins.context_tokens(budget), needle_ids, d)
                     prompt = render(tokenizer.decode(ids, skip_special_tokens=True))

@@ -5,6 +5,7 @@ One folder per (benchmark, model, backend, options) under the output directory h
 ``config.json`` and ``summary.md``. Runs of several backends over the same samples are
 compared in ``comparison__<benchmark>__<model>.md`` and ``score_vs_length__...png``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,19 @@ def run_dir_name(benchmark: str, model_label: str, backend: str, options: dict[s
 
 
 # --------------------------------------------------------------------------- reproducibility record
-_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "numpy", "rouge", "fuzzywuzzy", "python-Levenshtein", "jieba", "nltk", "longctx")
+_PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "numpy",
+    "rouge",
+    "fuzzywuzzy",
+    "python-Levenshtein",
+    "jieba",
+    "nltk",
+    "longctx",
+)
 
 
 def versions() -> dict[str, Optional[str]]:
@@ -105,7 +118,9 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def group_by_task_length(samples: Sequence[dict], records: dict[str, dict]) -> dict[tuple[str, int], list[tuple[dict, dict]]]:
+def group_by_task_length(
+    samples: Sequence[dict], records: dict[str, dict]
+) -> dict[tuple[str, int], list[tuple[dict, dict]]]:
     """``{(task, length): [(sample, prediction record), ...]}`` in sample order, done samples only."""
     groups: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
     for s in samples:
@@ -195,22 +210,31 @@ def scores_table(metrics: dict[str, Any]) -> str:
     lines = ["| task | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
     for task in sorted(metrics["scores"], key=_task_key):
         row = metrics["scores"][task]
-        lines.append(f"| {task} | " + " | ".join(_fmt(_scalar(row.get(L))) for L in lengths) + " |")
+        lines.append(f"| {task} | " + " | ".join(_cell(row.get(L)) for L in lengths) + " |")
     lines.append("| **average** | " + " | ".join(_fmt(metrics["average"].get(L)) for L in lengths) + " |")
     return "\n".join(lines)
 
 
 def cost_table(metrics: dict[str, Any]) -> str:
     lines = [
-        "| length | samples | input tokens | prefill s | decode ms/token | device MiB (KV) | host MiB (KV) | device peak alloc MiB |",
+        "| length | samples | input tokens | prefill s | decode ms/token "
+        "| device MiB (KV) | host MiB (KV) | device peak alloc MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for L, c in sorted(metrics["cost"].items(), key=lambda kv: int(kv[0])):
         lines.append(
-            f"| {L} | {c['samples']} | {_fmt(c['input_tokens'], 0)} | {_fmt(c['prefill_s'], 3)} | {_fmt(c['decode_ms_per_token'], 1)} "
+            f"| {L} | {c['samples']} | {_fmt(c['input_tokens'], 0)} | {_fmt(c['prefill_s'], 3)} "
+            f"| {_fmt(c['decode_ms_per_token'], 1)} "
             f"| {_mib(c['peak_device_bytes'])} | {_mib(c['peak_host_bytes'])} | {_mib(c['peak_device_alloc_bytes'])} |"
         )
     return "\n".join(lines)
+
+
+def _cell(x: Any) -> str:
+    """A score cell; LongBench-E bucket dicts print as ``0-4k/4-8k/8k+``."""
+    if isinstance(x, dict):
+        return "/".join(_fmt(v) for v in x.values())
+    return _fmt(x)
 
 
 def _scalar(x: Any) -> Any:
@@ -225,11 +249,11 @@ def _task_key(task: str) -> tuple:
 
 
 def summary_markdown(title: str, config: dict[str, Any], metrics: dict[str, Any], skipped: Sequence[str]) -> str:
-    b = config.get("backend", {})
+    b, model = config.get("backend", {}), config.get("model", {})
     parts = [
         f"# {title}",
         "",
-        f"- model: `{config.get('model', {}).get('path')}` ({config.get('model', {}).get('model_type')}, {config.get('model', {}).get('dtype')})",
+        f"- model: `{model.get('path')}` ({model.get('model_type')}, {model.get('dtype')})",
         f"- backend: `{b.get('name')}` {b.get('config')}",
         f"- chat template: {config.get('chat_template', {}).get('name')}; seed {config.get('seed')}",
         f"- complete: {metrics.get('complete')}; overall: {_fmt(metrics.get('overall'))}",
@@ -250,11 +274,19 @@ def summary_markdown(title: str, config: dict[str, Any], metrics: dict[str, Any]
 def comparison_markdown(benchmark: str, runs: dict[str, dict[str, Any]]) -> str:
     """Scores per task x length with one column per backend, then the cost per backend and length."""
     labels = list(runs)
-    keys = sorted({(t, L) for m in runs.values() for t, row in m["scores"].items() for L in row}, key=lambda k: (int(k[1]), _task_key(k[0])))
+    keys = sorted(
+        {(t, L) for m in runs.values() for t, row in m["scores"].items() for L in row},
+        key=lambda k: (int(k[1]), _task_key(k[0])),
+    )
     lengths = sorted({L for m in runs.values() for L in m["average"]}, key=int)
-    lines = [f"## {benchmark}: score per task and length", "", "| task | length | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    lines = [
+        f"## {benchmark}: score per task and length",
+        "",
+        "| task | length | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
     for t, L in keys:
-        lines.append(f"| {t} | {L} | " + " | ".join(_fmt(_scalar(runs[b]["scores"].get(t, {}).get(L))) for b in labels) + " |")
+        lines.append(f"| {t} | {L} | " + " | ".join(_cell(runs[b]["scores"].get(t, {}).get(L)) for b in labels) + " |")
     for L in lengths:
         lines.append(f"| **average** | {L} | " + " | ".join(_fmt(runs[b]["average"].get(L)) for b in labels) + " |")
     lines += [
@@ -267,7 +299,8 @@ def comparison_markdown(benchmark: str, runs: dict[str, dict[str, Any]]) -> str:
     for b in labels:
         for L, c in sorted(runs[b]["cost"].items(), key=lambda kv: int(kv[0])):
             lines.append(
-                f"| {b} | {L} | {_fmt(c['prefill_s'], 3)} | {_fmt(c['decode_ms_per_token'], 1)} | {_mib(c['peak_device_bytes'])} "
+                f"| {b} | {L} | {_fmt(c['prefill_s'], 3)} | {_fmt(c['decode_ms_per_token'], 1)} "
+                f"| {_mib(c['peak_device_bytes'])} "
                 f"| {_mib(c['peak_host_bytes'])} | {_mib(c['peak_device_alloc_bytes'])} |"
             )
     return "\n".join(lines) + "\n"

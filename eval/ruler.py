@@ -7,6 +7,7 @@ NVIDIA/RULER (``scripts/data/synthetic/constants.py``, ``scripts/synthetic.yaml`
 A sample's prompt is ``input + answer_prefix``: ``input`` ends with the chat template's
 assistant header, and the answer prefix follows it, as in RULER's ``call_api.py``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,12 @@ BASE_TASKS: dict[str, dict[str, Any]] = {
 
 def _niah(haystack: str, k_type: str, v_type: str, k: int = 1, v: int = 1, q: int = 1) -> dict[str, Any]:
     return dict(
-        type_haystack=haystack, type_needle_k=k_type, type_needle_v=v_type, num_needle_k=k, num_needle_v=v, num_needle_q=q
+        type_haystack=haystack,
+        type_needle_k=k_type,
+        type_needle_v=v_type,
+        num_needle_k=k,
+        num_needle_v=v,
+        num_needle_q=q,
     )
 
 
@@ -194,7 +200,10 @@ ESSAY_TASKS = tuple(t for t, (b, a) in TASKS.items() if b == "niah" and a["type_
 
 def missing_reason(task: str, sources: RulerSources) -> Optional[str]:
     """A one-line reason why ``task`` cannot run with these sources, or ``None``."""
-    need = {"qa_1": ("squad", "SQuAD v2 dev (--squad dev-v2.0.json)"), "qa_2": ("hotpotqa", "HotpotQA dev-distractor (--hotpotqa hotpot_dev_distractor_v1.json)")}
+    need = {
+        "qa_1": ("squad", "SQuAD v2 dev (--squad dev-v2.0.json)"),
+        "qa_2": ("hotpotqa", "HotpotQA dev-distractor (--hotpotqa hotpot_dev_distractor_v1.json)"),
+    }
     if task in ESSAY_TASKS:
         need[task] = ("essay", "the Paul Graham essays (--essay PaulGrahamEssays.json)")
     if task in need:

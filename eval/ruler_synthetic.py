@@ -17,6 +17,7 @@ a sample that cannot be made to fit raises instead of looping forever, and the e
 sentence splitter falls back to a regular expression when NLTK's punkt data is missing
 (recorded in the run's config).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -247,7 +248,9 @@ class GenContext:
         self.np_rng = np.random.RandomState(self.seed)
 
 
-def _binary_search(ctx: GenContext, make: Callable[[int], str], lower: int, upper: int, extra: int = 0) -> Optional[int]:
+def _binary_search(
+    ctx: GenContext, make: Callable[[int], str], lower: int, upper: int, extra: int = 0
+) -> Optional[int]:
     """Largest unit count in [lower, upper] whose prompt fits (``None`` if none does)."""
     best = None
     while lower <= upper:
@@ -376,7 +379,12 @@ def generate_niah(
     estimated = int((ctx.max_seq_length / (probe / incremental)) * 3)
     best = _binary_search(ctx, lambda n: make(n)[0], incremental, max(estimated, incremental * 2))
     num_haystack = best if best is not None else incremental
-    logger.info("niah: haystack of %d %s for L=%d", num_haystack, "words" if type_haystack == "essay" else "lines", ctx.max_seq_length)
+    logger.info(
+        "niah: haystack of %d %s for L=%d",
+        num_haystack,
+        "words" if type_haystack == "essay" else "lines",
+        ctx.max_seq_length,
+    )
 
     out = []
     for _ in range(ctx.num_samples):
@@ -468,7 +476,8 @@ def generate_vt(ctx: GenContext, num_chains: int = 1, num_hops: int = 4, add_few
                     tries += 1
                     if tries >= _MAX_FLOOR_TRIES:
                         raise SampleDoesNotFitError(
-                            f"vt: the smallest haystack still has {length} tokens > {max_seq_length}; use a longer length"
+                            f"vt: the smallest haystack still has {length} tokens > {max_seq_length}; "
+                            "use a longer length"
                         )
             out.append({"input": text, "outputs": answer, "length": length})
         return out
@@ -516,7 +525,9 @@ def generate_cwe(
             shots.append(example(20, 3, 1) if short else example(40, 10, 3))
         context, answer = example(num_words, 6, 1) if short else example(num_words, freq_cw, freq_ucw)
         shot_texts = [
-            ctx.template.format(num_cw=num_cw, context=c, query="") + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(a))
+            ctx.template.format(num_cw=num_cw, context=c, query="")
+            + " "
+            + " ".join(f"{i + 1}. {w}" for i, w in enumerate(a))
             for c, a in shots
         ]
         return "\n".join(shot_texts) + "\n" + ctx.template.format(num_cw=num_cw, context=context, query=""), answer
@@ -602,7 +613,9 @@ def generate_fwe(ctx: GenContext, alpha: float = 2.0, coded_wordlen: int = 6, vo
 def generate_qa(ctx: GenContext, qas: list[dict], docs: list[str], pre_samples: int = 0) -> list[dict]:
     """RULER ``qa.py``: the gold documents plus distractors, shuffled, as ``"Document {i}:\\n{doc}"``."""
     if len(qas) < pre_samples + ctx.num_samples:
-        raise ValueError(f"qa: {ctx.num_samples} samples need {pre_samples + ctx.num_samples} questions (file has {len(qas)})")
+        raise ValueError(
+            f"qa: {ctx.num_samples} samples need {pre_samples + ctx.num_samples} questions (file has {len(qas)})"
+        )
 
     def make(index: int, num_docs: int) -> tuple[str, list[str]]:
         qa = qas[index]
@@ -634,4 +647,3 @@ def generate_qa(ctx: GenContext, qas: list[dict], docs: list[str], pre_samples: 
         text, answer, length = _fit(ctx, lambda n: make(qi, n), num_docs, incremental, "qa")
         out.append({"input": text, "outputs": answer, "length": length})
     return out
-

@@ -17,6 +17,7 @@ ms/token the mean gap between later tokens. Memory per tier is ``handle.memory()
 the sample (bytes of the backend's cache on the device and host tiers), plus the CUDA
 allocator's peak on a GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,7 +123,9 @@ class EvalSpec:
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise ValueError(f"EvalSpec.max_new_tokens requires a positive int (got {self.max_new_tokens!r})")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"EvalSpec.dtype requires one of ['auto', 'float32', 'float16', 'bfloat16'] (got {self.dtype!r})")
+            raise ValueError(
+                f"EvalSpec.dtype requires one of ['auto', 'float32', 'float16', 'bfloat16'] (got {self.dtype!r})"
+            )
         if self.tasks:
             valid = self.valid_tasks()
             if valid is not None:
@@ -149,7 +152,15 @@ class EvalSpec:
 
 # ----------------------------------------------------------------------------- model and tokenizer
 def resolve_model_path(name: str) -> str:
-    """A folder path as is; otherwise a bundled model's short name through longctx's resolver."""
+    """A local folder for ``--model``: a folder as is, a bundled model's short name, or a hub id already cached.
+
+    Nothing is downloaded: a hub id resolves only from the local Hugging Face cache.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``name`` is none of these.
+    """
     if os.path.isdir(name):
         return name
     for mod_name in ("longctx.hub", "longctx.models"):
@@ -162,7 +173,14 @@ def resolve_model_path(name: str) -> str:
             path = str(resolver(name))
             if os.path.isdir(path):
                 return path
-    raise FileNotFoundError(f"--model {name!r} is neither a model folder nor a bundled model name")
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, local_files_only=True)
+        except Exception:  # not in the local cache (or not a valid repo id)
+            pass
+    raise FileNotFoundError(f"--model {name!r} is neither a model folder, a bundled model name nor a cached hub model")
 
 
 def _tokenizer_digest(path: str) -> str:
@@ -191,7 +209,11 @@ def _load_model(path: str, dtype: str, device):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else getattr(torch, dtype)).to(device).eval()
+    return (
+        AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+        .to(device)
+        .eval()
+    )
 
 
 def _eos_ids(model_path: str, model_cfg: Any, tokenizer: Any) -> list[int]:
@@ -248,26 +270,48 @@ def _ruler_chat(spec: EvalSpec, tokenizer) -> tuple[str, str]:
 
 
 def _ruler_sources(spec: EvalSpec) -> rl.RulerSources:
-    return rl.RulerSources.from_dir(spec.data_dir, essay=spec.essay, squad=spec.squad, hotpotqa=spec.hotpotqa, cwe_words=spec.cwe_words)
+    return rl.RulerSources.from_dir(
+        spec.data_dir, essay=spec.essay, squad=spec.squad, hotpotqa=spec.hotpotqa, cwe_words=spec.cwe_words
+    )
 
 
 def _data_inputs(spec: EvalSpec, tokenizer, model_path: str) -> dict[str, Any]:
-    """What the generated samples depend on (hashed into the data cache folder name)."""
-    base = {"benchmark": spec.bench_label, "tokenizer": _tokenizer_digest(model_path), "seed": spec.seed, "max_new_tokens": spec.max_new_tokens}
+    """What every generated sample depends on (hashed into the data cache folder name).
+
+    Inputs that only some tasks use (RULER's essay / QA files, LongBench's jsonl files)
+    go into those tasks' cache keys instead, so adding a source does not invalidate the rest.
+    """
+    base = {"benchmark": spec.bench_label, "tokenizer": _tokenizer_digest(model_path), "seed": spec.seed}
     if spec.benchmark == "ruler":
         template, name = _ruler_chat(spec, tokenizer)
-        src = _ruler_sources(spec)
-        base.update(chat=name, template=template, sources={k: res.file_digest(v) for k, v in src.to_dict().items() if v and os.path.exists(v)})
+        base.update(chat=name, template=template)
     elif spec.benchmark == "longbench":
-        base.update(chat=spec.chat_template, template=getattr(tokenizer, "chat_template", None), data_dir=os.path.abspath(spec.data_dir or ""))
+        base.update(chat=spec.chat_template, template=getattr(tokenizer, "chat_template", None))
     else:
+        if spec.haystack != "noise" and not os.path.exists(spec.haystack):
+            raise FileNotFoundError(f"haystack {spec.haystack!r} is neither 'noise' nor an existing file or folder")
         hay = spec.haystack if spec.haystack == "noise" else res.file_digest(spec.haystack)
-        base.update(chat=spec.chat_template, template=getattr(tokenizer, "chat_template", None), haystack=hay,
-                    depths=list(spec.depths or nh.DEFAULT_DEPTHS), needle=spec.needle_style)
+        base.update(
+            chat=spec.chat_template,
+            template=getattr(tokenizer, "chat_template", None),
+            haystack=hay,
+            depths=list(spec.depths or nh.DEFAULT_DEPTHS),
+            needle=spec.needle_style,
+            max_new_tokens=spec.max_new_tokens or nh.DEFAULT_MAX_NEW_TOKENS,
+        )
     return base
 
 
-def prepare_samples(spec: EvalSpec, tokenizer, model_path: str, store: SampleStore, model_ctx: Optional[int]) -> Prepared:
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_RULER_TASK_SOURCE = {**{t: "essay" for t in rl.ESSAY_TASKS}, "qa_1": "squad", "qa_2": "hotpotqa", "cwe": "cwe_words"}
+
+
+def prepare_samples(
+    spec: EvalSpec, tokenizer, model_path: str, store: SampleStore, model_ctx: Optional[int]
+) -> Prepared:
     """Build (or reload) the samples of ``spec`` for this tokenizer."""
     skipped: list[str] = []
     samples: list[dict] = []
@@ -284,24 +328,53 @@ def prepare_samples(spec: EvalSpec, tokenizer, model_path: str, store: SampleSto
                 continue
             for L in spec.lengths or [4096]:
                 try:
-                    rows = store.get(f"{task}/{L}", n, lambda: rl.generate_task(task, L, tokenizer, n, spec.seed, sources, template))
+                    field = _RULER_TASK_SOURCE.get(task)
+                    path = getattr(sources, field) if field else None
+                    key = f"{task}/{L}" + (
+                        f"/{_digest(res.file_digest(path))}" if path and os.path.exists(path) else ""
+                    )
+                    rows = store.get(
+                        key, n, lambda: rl.generate_task(task, L, tokenizer, n, spec.seed, sources, template)
+                    )
                 except (MissingDataError, SampleDoesNotFitError) as e:
                     msg = f"{task} at {L}: skipped, {e}"
                     logger.warning(msg)
                     skipped.append(msg)
                     continue
                 samples += rows
-        record = {"sources": sources.to_dict(), "sentence_splitter": _splitter_name(spec, sources), "chat_template": {"name": chat_name, "template": template}}
+        record = {
+            "sources": sources.to_dict(),
+            "sentence_splitter": _splitter_name(spec, sources),
+            "chat_template": {"name": chat_name, "template": template},
+        }
     elif spec.benchmark == "longbench":
         tasks = lb.resolve_tasks(spec.tasks, spec.longbench_e)
         files = lb.find_data_files(spec.data_dir, tasks, spec.longbench_e, explicit=bool(spec.tasks))
         lengths = spec.lengths or [_default_longbench_length(model_ctx)]
         for task, path in files.items():
+            file_tag = _digest(res.file_digest(str(path)))
             for L in lengths:
-                samples += store.get(f"{task}/{L}", spec.samples, lambda: lb.build_samples(tokenizer, {task: path}, [L], spec.samples, spec.longbench_e, spec.chat_template))
-        skipped += [f"{t}: skipped, {n} not found" for t, n in zip(tasks, lb.expected_files(tasks, spec.longbench_e)) if t not in files]
-        record = {"data_files": {t: res.file_digest(str(p)) for t, p in files.items()}, "truncation": {"rule": "head+tail", "max_length": lengths},
-                  "chat_template": {"name": spec.chat_template, "template": getattr(tokenizer, "chat_template", None), "not_applied_to": list(lb.NO_CHAT_TEMPLATE)}}
+                samples += store.get(
+                    f"{task}/{L}/{file_tag}",
+                    spec.samples,
+                    lambda: lb.build_samples(
+                        tokenizer, {task: path}, [L], spec.samples, spec.longbench_e, spec.chat_template
+                    ),
+                )
+        skipped += [
+            f"{t}: skipped, {n} not found"
+            for t, n in zip(tasks, lb.expected_files(tasks, spec.longbench_e))
+            if t not in files
+        ]
+        record = {
+            "data_files": {t: res.file_digest(str(p)) for t, p in files.items()},
+            "truncation": {"rule": "head+tail", "max_length": lengths},
+            "chat_template": {
+                "name": spec.chat_template,
+                "template": getattr(tokenizer, "chat_template", None),
+                "not_applied_to": list(lb.NO_CHAT_TEMPLATE),
+            },
+        }
     else:
         max_new = spec.max_new_tokens or nh.DEFAULT_MAX_NEW_TOKENS
         depths = spec.depths or list(nh.DEFAULT_DEPTHS)
@@ -310,10 +383,24 @@ def prepare_samples(spec: EvalSpec, tokenizer, model_path: str, store: SampleSto
             samples += store.get(
                 f"niah/{L}/r{rounds}",
                 rounds * len(depths),
-                lambda: nh.build_samples(tokenizer, [L], depths, spec.samples or 1, spec.haystack, spec.needle_style, max_new, spec.seed, spec.chat_template),
+                lambda: nh.build_samples(
+                    tokenizer,
+                    [L],
+                    depths,
+                    spec.samples or 1,
+                    spec.haystack,
+                    spec.needle_style,
+                    max_new,
+                    spec.seed,
+                    spec.chat_template,
+                ),
             )
-        record = {"haystack": spec.haystack, "depths": depths, "needle_style": spec.needle_style,
-                  "chat_template": {"name": spec.chat_template, "template": getattr(tokenizer, "chat_template", None)}}
+        record = {
+            "haystack": spec.haystack,
+            "depths": depths,
+            "needle_style": spec.needle_style,
+            "chat_template": {"name": spec.chat_template, "template": getattr(tokenizer, "chat_template", None)},
+        }
     if spec.max_new_tokens is not None:
         for s in samples:
             s["max_new_tokens"] = spec.max_new_tokens
@@ -331,7 +418,9 @@ def _splitter_name(spec: EvalSpec, sources: rl.RulerSources) -> Optional[str]:
 
 def _default_longbench_length(model_ctx: Optional[int]) -> int:
     if not model_ctx:
-        raise ValueError("longbench requires --lengths (truncation length) when the model config has no max_position_embeddings")
+        raise ValueError(
+            "longbench requires --lengths (truncation length) when the model config has no max_position_embeddings"
+        )
     return max(256, model_ctx - 500)  # model2maxlen is about the context window minus 500
 
 
@@ -437,6 +526,7 @@ def generate_one(model, tokenizer, sample: dict, handle: Any, device, eos_ids: l
     prefill = times[0] - t0 if times else None
     decode = (times[-1] - times[0]) / (len(times) - 1) * 1000 if len(times) > 1 else None
     memory = handle.memory() if handle is not None else {}
+    stats = _sum_stats(handle.stats()) if handle is not None and hasattr(handle, "stats") else {}
     return {
         "id": sample["id"],
         "task": sample["task"],
@@ -451,7 +541,35 @@ def generate_one(model, tokenizer, sample: dict, handle: Any, device, eos_ids: l
         "memory": {k: int(v) for k, v in memory.items()},
         "peak_device_alloc": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "prompt_sha": _prompt_sha(sample),
+        "stats": stats,
     }
+
+
+def _warm_up(model, tokenizer, sample: dict, device) -> None:
+    """One short untimed generate (first-call allocations, kernel selection) before the timed samples."""
+    import torch
+
+    ids = tokenizer(prompt_text(sample)[:1024], return_tensors="pt").input_ids[:, :64].to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=pad)
+
+
+def _sum_stats(per_layer: Any) -> dict[str, Any]:
+    """Backend counters summed over layers and parts (booleans count the layers where they are true)."""
+    total: dict[str, Any] = {}
+    stack = [per_layer]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if isinstance(v, bool):
+                    total[k] = total.get(k, 0) + int(v)
+                elif isinstance(v, (int, float)):
+                    total[k] = total.get(k, 0) + v
+    return total
 
 
 # ----------------------------------------------------------------------------- results folders
@@ -491,7 +609,7 @@ def _needs_rewrite(path: Path, rows: list[dict]) -> bool:
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
-    keys = ("benchmark", "model", "backend", "generation", "seed", "data")
+    keys = ("benchmark", "model", "backend", "generation", "seed")  # prompts are checked per sample (prompt_sha)
     core = {k: record.get(k) for k in keys}
     core["model"] = {k: (record.get("model") or {}).get(k) for k in ("path", "config_sha256", "dtype")}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -503,7 +621,8 @@ def _check_compatible(run_dir: Path, fingerprint: str) -> None:
         old = json.loads(path.read_text())
         if old.get("fingerprint") not in (None, fingerprint):
             raise ValueError(
-                f"results folder {run_dir} holds a run with a different model, backend config, dtype, seed or data "
+                f"results folder {run_dir} holds a run with a different model, backend config, dtype, seed or "
+                "generation settings "
                 f"(fingerprint {old.get('fingerprint')} != {fingerprint}); use another --output or remove the folder"
             )
 
@@ -542,10 +661,12 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
     model_cfg = AutoConfig.from_pretrained(model_path)
     out_root = Path(spec.output)
     data_inputs = _data_inputs(spec, tokenizer, model_path)
-    data_fp = hashlib.sha256(json.dumps(data_inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    data_fp = _digest(data_inputs)
     store = SampleStore(out_root / "_data" / f"{spec.bench_label}__{model_label}__{data_fp}")
     with state.main_process_first():  # rank 0 generates; the others then read its files
-        prepared = prepare_samples(spec, tokenizer, model_path, store, getattr(model_cfg, "max_position_embeddings", None))
+        prepared = prepare_samples(
+            spec, tokenizer, model_path, store, getattr(model_cfg, "max_position_embeddings", None)
+        )
     samples = prepared.samples
     if not samples:
         raise ValueError(f"{spec.bench_label}: nothing to evaluate ({'; '.join(prepared.skipped) or 'no samples'})")
@@ -558,10 +679,20 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
         run_dir = out_root / res.run_dir_name(spec.bench_label, model_label, b.name, b.options)
         record = {
             "benchmark": spec.bench_label,
-            "model": {"path": os.path.abspath(model_path), "name": spec.model, "model_type": getattr(model_cfg, "model_type", None),
-                      "config_sha256": _model_config_digest(model_path), "dtype": spec.dtype},
+            "model": {
+                "path": os.path.abspath(model_path),
+                "name": spec.model,
+                "model_type": getattr(model_cfg, "model_type", None),
+                "config_sha256": _model_config_digest(model_path),
+                "dtype": spec.dtype,
+            },
             "backend": {"name": bspec.name, "options": dict(b.options), "config": bconfig.to_dict()},
-            "generation": {"greedy": True, "num_beams": 1, "batch_size": 1, "max_new_tokens_override": spec.max_new_tokens},
+            "generation": {
+                "greedy": True,
+                "num_beams": 1,
+                "batch_size": 1,
+                "max_new_tokens_override": spec.max_new_tokens,
+            },
             "seed": spec.seed,
             "data": data_fp,
         }
@@ -580,24 +711,52 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
             pred_path = run_dir / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
             repair_tail(pred_path)
             with state.split_between_processes(pending) as shard:
-                logger.info("%s: %d of %d samples to generate (rank %d: %d)", b.label, len(pending), len(samples), rank, len(shard))
+                logger.info(
+                    "%s: %d of %d samples to generate (rank %d: %d)",
+                    b.label,
+                    len(pending),
+                    len(samples),
+                    rank,
+                    len(shard),
+                )
                 with patcher(model, bspec.name, **b.options) as handle:
-                    for s in tqdm(shard, desc=f"{spec.bench_label} {b.label}" + (f" [rank {rank}]" if world > 1 else ""), position=rank, leave=world == 1):
+                    if shard:
+                        _warm_up(model, tokenizer, shard[0], device)
+                    for s in tqdm(
+                        shard,
+                        desc=f"{spec.bench_label} {b.label}" + (f" [rank {rank}]" if world > 1 else ""),
+                        position=rank,
+                        leave=world == 1,
+                    ):
                         rec = generate_one(model, tokenizer, s, handle, device, eos_ids)
                         rec["score"] = sample_score(spec, s, rec["pred"])
                         if spec.benchmark == "longbench":
-                            rec["answers"], rec["all_classes"], rec["meta_length"] = s["outputs"], s.get("all_classes"), s["meta"]["length"]
+                            rec["answers"], rec["all_classes"], rec["meta_length"] = (
+                                s["outputs"],
+                                s.get("all_classes"),
+                                s["meta"]["length"],
+                            )
                         append_jsonl(pred_path, rec)
             state.wait_for_everyone()
         if state.is_main_process:
             records = _merge(run_dir, samples)
-            metrics = res.compute_metrics(spec.bench_label, samples, records, lambda t, p: score_group(spec, t, p), lambda m: extra_metrics(spec, m))
+            metrics = res.compute_metrics(
+                spec.bench_label,
+                samples,
+                records,
+                lambda t, p: score_group(spec, t, p),
+                lambda m: extra_metrics(spec, m),
+            )
             metrics["backend"], metrics["model"], metrics["skipped"] = b.label, model_label, prepared.skipped
             write_json(run_dir / "metrics.json", metrics)
-            config = _config_record(run_dir, record, fingerprint, spec, prepared, model_path, tokenizer, model, eos_ids, world, device)
+            config = _config_record(
+                run_dir, record, fingerprint, spec, prepared, model_path, tokenizer, model, eos_ids, world, device
+            )
             write_json(run_dir / "config.json", config)
             title = f"{spec.bench_label} / {model_label} / {b.label}"
-            (run_dir / "summary.md").write_text(res.summary_markdown(title, config, metrics, prepared.skipped), encoding="utf-8")
+            (run_dir / "summary.md").write_text(
+                res.summary_markdown(title, config, metrics, prepared.skipped), encoding="utf-8"
+            )
             if spec.benchmark == "niah":
                 nh.plot_heatmap(metrics["scores"], run_dir / "niah_heatmap.png", title)
             all_metrics[b.label] = metrics
@@ -605,8 +764,12 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
 
     if state.is_main_process:
         stem = f"{spec.bench_label}__{model_label}"
-        (out_root / f"comparison__{stem}.md").write_text(res.comparison_markdown(spec.bench_label, all_metrics), encoding="utf-8")
-        res.plot_score_vs_length(all_metrics, out_root / f"score_vs_length__{stem}.png", f"{spec.bench_label}: {model_label}")
+        (out_root / f"comparison__{stem}.md").write_text(
+            res.comparison_markdown(spec.bench_label, all_metrics), encoding="utf-8"
+        )
+        res.plot_score_vs_length(
+            all_metrics, out_root / f"score_vs_length__{stem}.png", f"{spec.bench_label}: {model_label}"
+        )
     state.wait_for_everyone()
     if not state.is_main_process:  # every rank returns the same metrics
         for b in spec.backends:
@@ -615,7 +778,9 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
     return all_metrics
 
 
-def _config_record(run_dir: Path, record, fingerprint, spec, prepared, model_path, tokenizer, model, eos_ids, world, device) -> dict[str, Any]:
+def _config_record(
+    run_dir: Path, record, fingerprint, spec, prepared, model_path, tokenizer, model, eos_ids, world, device
+) -> dict[str, Any]:
     """The reproducibility record written as config.json (a rerun that loads no model keeps the old runtime)."""
     cfg = dict(record)
     cfg["fingerprint"] = fingerprint
@@ -635,7 +800,11 @@ def _config_record(run_dir: Path, record, fingerprint, spec, prepared, model_pat
     cfg["truncation"] = prepared.record.get("truncation") or {"rule": "none: the haystack is sized to the length"}
     cfg["data_record"] = {k: v for k, v in prepared.record.items() if k not in ("chat_template", "truncation")}
     cfg["data_inputs"] = prepared.fingerprint_inputs
-    runtime = {"world_size": world, "device": str(device), "model_dtype": str(next(model.parameters()).dtype)} if model is not None else None
+    runtime = (
+        {"world_size": world, "device": str(device), "model_dtype": str(next(model.parameters()).dtype)}
+        if model is not None
+        else None
+    )
     old_path = run_dir / "config.json"
     if runtime is None and old_path.exists():
         runtime = json.loads(old_path.read_text()).get("runtime")

@@ -11,8 +11,10 @@ from longctx.cache import LongCtxCache
 from longctx.config import BackendConfig, DenseConfig
 from longctx.config import HiPConfig
 from longctx.config import ShadowKVConfig
+from longctx.config import StreamingConfig, TriForceRetrievalConfig
 from longctx.models import SUPPORTED_MODEL_TYPES, RotaryHelper
 from longctx.patch import PatchHandle, patch
+from longctx.speculative import TriForceStats, triforce_decoding, triforce_generate
 
 __version__ = "0.1.0"
 __all__ = [
@@ -29,6 +31,11 @@ __all__ = [
     "DenseConfig",
     "HiPConfig",
     "ShadowKVConfig",
+    "StreamingConfig",
+    "TriForceRetrievalConfig",
+    "triforce_generate",
+    "triforce_decoding",
+    "TriForceStats",
     "RotaryHelper",
     "SUPPORTED_MODEL_TYPES",
 ]

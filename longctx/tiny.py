@@ -555,10 +555,20 @@ class Stage:
     extra_questions: int = 0
 
 
-DEFAULT_CURRICULUM = [
+# Phase 1: the first stage of a 3-stage curriculum (the schedule spans all three; training stops
+# after stage 0, as the first run did: 400 steps left the loss on a plateau, no retrieval yet).
+PHASE1_CURRICULUM = [
     Stage(steps=400, min_len=96, max_len=320, batch_size=12, pose_prob=0.3, extra_questions=3),
     Stage(steps=120, min_len=512, max_len=1536, batch_size=4, pose_prob=0.3, extra_questions=2),
     Stage(steps=50, min_len=2048, max_len=4096, batch_size=2, pose_prob=0.2, extra_questions=0),
+]
+PHASE1_STOP_AFTER = 0
+# Phase 2: fresh optimizer, more short-context steps (cheap samples, many questions each), then
+# the length curriculum up to 4K.
+PHASE2_CURRICULUM = [
+    Stage(steps=700, min_len=64, max_len=200, batch_size=12, pose_prob=0.3, extra_questions=4),
+    Stage(steps=80, min_len=512, max_len=1536, batch_size=4, pose_prob=0.3, extra_questions=2),
+    Stage(steps=40, min_len=2048, max_len=4096, batch_size=2, pose_prob=0.2, extra_questions=0),
 ]
 
 
@@ -583,11 +593,13 @@ def train(
     essay_words: Optional[Sequence[str]] = None,
     on_stage_end=None,
     mix: Optional[Sequence[tuple[str, float]]] = None,
+    stop_after_stage: Optional[int] = None,
 ) -> list[dict]:
     """Train every model in ``models`` (name -> LlamaForCausalLM) on the same seeded batches.
 
     ``on_stage_end(stage_index)`` is called after each curriculum stage (e.g. to checkpoint);
-    ``mix`` overrides the (task, weight) mixture ``TRAIN_MIX``.
+    ``mix`` overrides the (task, weight) mixture ``TRAIN_MIX``; ``stop_after_stage`` ends training
+    after that stage (the learning-rate schedule still spans the whole curriculum).
     Returns the logged history (one dict per logged step with the losses).
     """
     essay_words = essay_words if essay_words is not None else load_essay_words()
@@ -629,6 +641,8 @@ def train(
                 running = {n: 0.0 for n in models}
         if on_stage_end is not None:
             on_stage_end(si)
+        if stop_after_stage is not None and si >= stop_after_stage:
+            break
     for m in models.values():
         m.eval()
     return history
@@ -758,6 +772,8 @@ def _parse(argv):
     p.add_argument("--eval-tasks", default=",".join(DONE_WHEN_TASKS), help="comma-separated RULER NIAH tasks")
     p.add_argument("--agreement-lengths", default="4096", help="lengths at which draft agreement is measured")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
+    p.add_argument("--init-from", default=None,
+                   help="skip phase 1 by loading its checkpoint (tiny-target/, tiny-draft/) from this folder")
     return p.parse_args(argv)
 
 
@@ -783,10 +799,10 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         tok = build_tokenizer(seed=args.seed, essay_words=essay)
         target = build_model(TARGET, tok, args.seed)
         draft = build_model(DRAFT, tok, args.seed + 1)
-        curriculum = [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in DEFAULT_CURRICULUM]
-        logger.info("vocab %d target %d params draft %d params curriculum %s", len(tok),
-                    sum(p.numel() for p in target.parameters()), sum(p.numel() for p in draft.parameters()),
-                    [dataclasses.asdict(s) for s in curriculum])
+        scale = lambda cur: [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in cur]  # noqa: E731
+        phase1, phase2 = scale(PHASE1_CURRICULUM), scale(PHASE2_CURRICULUM)
+        logger.info("vocab %d target %d params draft %d params", len(tok),
+                    sum(p.numel() for p in target.parameters()), sum(p.numel() for p in draft.parameters()))
         t0 = time.time()
 
         def checkpoint(si):
@@ -794,7 +810,19 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             save_model(draft, tok, out / "tiny-draft")
             logger.info("stage %d done after %.1f min; saved to %s", si, (time.time() - t0) / 60, out)
 
-        train({"target": target, "draft": draft}, tok, curriculum, seed=args.seed, lr=args.lr,
+        if args.init_from:
+            # resume shortcut: the phase-1 checkpoint saved by an earlier run of this same script
+            target = AutoModelForCausalLM.from_pretrained(Path(args.init_from) / "tiny-target")
+            draft = AutoModelForCausalLM.from_pretrained(Path(args.init_from) / "tiny-draft")
+            logger.info("phase 1 loaded from %s", args.init_from)
+        else:
+            logger.info("phase 1 curriculum %s (stop after stage %d)", [dataclasses.asdict(s) for s in phase1],
+                        PHASE1_STOP_AFTER)
+            train({"target": target, "draft": draft}, tok, phase1, seed=args.seed, lr=args.lr,
+                  autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint,
+                  stop_after_stage=PHASE1_STOP_AFTER)
+        logger.info("phase 2 curriculum %s", [dataclasses.asdict(s) for s in phase2])
+        train({"target": target, "draft": draft}, tok, phase2, seed=args.seed + 1, lr=args.lr * 2 / 3, warmup=20,
               autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint)
         logger.info("training took %.1f min", (time.time() - t0) / 60)
         save_model(target, tok, out / "tiny-target")

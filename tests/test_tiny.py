@@ -93,7 +93,7 @@ def test_training_reduces_loss():
     tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
     cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
     model = tiny.build_model(cfg, tok, seed=0)
-    stages = [tiny.Stage(steps=30, min_len=64, max_len=128, batch_size=8)]
+    stages = [tiny.Stage(steps=30, min_len=48, max_len=96, batch_size=4)]
     hist = tiny.train({"m": model}, tok, stages, seed=0, lr=3e-3, warmup=5, log_every=5,
                       mix=[("niah_single_1", 1.0)], essay_words=tiny.load_essay_words()[:5000])
     losses = [h["loss_m"] for h in hist]

@@ -191,7 +191,7 @@ def sparse_attention_triton(
     if check:
         from longctx.ops import _check_attention_inputs
 
-        _check_attention_inputs(q, k, v, indices)
+        _check_attention_inputs(q, k, v, indices, scale)
     if q.device.type != "cuda" and not _interpreting():
         raise RuntimeError(
             f"sparse_attention_triton requires CUDA tensors, or TRITON_INTERPRET=1 set before import "

@@ -38,6 +38,25 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return grouped_attention(q, k, v, scale, S - Sq, window)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of S new queries over a small cache whose last S keys are the new tokens (causal among them).
+
+    ``q [B, H, S, D]``, ``k, v [B, Hkv, T, D]`` -> ``[B, H, S, D]``. Grouped matmul + softmax +
+    matmul (few kernels: at a few thousand keys the per-op overhead is what costs on CPU); the
+    causal mask only touches the last S columns.
+    """
+    B, H, S, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G * S, D)  # rows ordered (g, s)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*S, T]
+    if S > 1:
+        future = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1).repeat(G, 1)  # [G*S, S]
+        scores[..., T - S :].masked_fill_(future, float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [B, Hkv, G*S, D]
+    return out.reshape(B, H, S, D)
+
+
 def chunk_means(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Mean key of every full chunk: ``k [B, Hkv, T, D]`` -> ``[B, Hkv, T // C, D]`` (fp32)."""
     B, Hkv, T, D = k.shape
@@ -152,7 +171,10 @@ class TriForceRetrievalLayer(BackendLayer):
         self.kv.append(k, v)
         kk, vv = self.kv.keys(), self.kv.values()
         window = self.ctx.sliding_window if self.fallback_dense else None
-        out = grouped_attention(q, kk, vv, self.ctx.scale, kk.shape[2] - q.shape[2], window)
+        if window is None:
+            out = cached_attention(q, kk, vv, self.ctx.scale)
+        else:
+            out = grouped_attention(q, kk, vv, self.ctx.scale, kk.shape[2] - q.shape[2], window)
         self._steps += 1
         self.attended = None
         return out

@@ -99,6 +99,8 @@ class HiPLayer(BackendLayer):
             self._stats["keys_scored"] += scored
             self._stats["keys_scored_per_block"] = scored / (B * M * blocks.shape[2])
             self._keep_mask(blocks, local_start)
+            logger.debug("HiP layer %d: mask of %d query block(s) at T=%d, %d key reads", self.ctx.layer_idx,
+                         blocks.shape[2], T, scored)
         else:
             blocks, local_start = self._mask
         out, _ = hip_attention(qs, k, v, blocks, local_start, q_offset, cfg, return_lse=False)
@@ -141,6 +143,7 @@ class HiPLayer(BackendLayer):
         self._stats["decode_steps"] += 1
         if self.dense:
             self.attended = None
+            self._stats["keys_per_step"] = T
             kk, vv = self.kv.keys().to(q.device), self.kv.values().to(q.device)
             return grouped_attention(q, kk, vv, self.ctx.scale, T - S, self.ctx.sliding_window)
         refresh = (

@@ -75,7 +75,7 @@ def sparse_attention_cpp(
     if check:
         from longctx.ops import _check_attention_inputs
 
-        _check_attention_inputs(q, k, v, indices)
+        _check_attention_inputs(q, k, v, indices, scale)
     from longctx import _C
 
     D = q.shape[-1]

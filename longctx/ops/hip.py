@@ -197,7 +197,7 @@ def _chunk(per_block_bytes: int) -> int:
 
 
 # ---------------------------------------------------------------------------- mask estimation
-def _score_ref(qg, k_flat, kv_base, cand_start, cand_size, config, T):
+def _score_ref(qg, k_flat, kv_base, cand_start, cand_size, config):
     """Score candidate ranges by their centre key block: ``[B, M, n, 2K]`` float32 (empty: -inf).
 
     qg : ``[B, M, n, R, D]`` pre-scaled query rows of each block (R = Gm x subsampled queries).
@@ -214,7 +214,7 @@ def _score_ref(qg, k_flat, kv_base, cand_start, cand_size, config, T):
 
 
 def _query_rows(q, starts, ends, q_offset, config, M, Gm, S):
-    """Stride-subsampled query rows of blocks ``[starts, ends)``: ``[B, M, n, Gm * nq, D]`` float32."""
+    """Stride-subsampled query rows of blocks ``[starts, ends)``: ``[B, M, n, Gm * nq, D]`` (compute dtype)."""
     B, H, _, D = q.shape
     offs = torch.arange(0, rows_per_block(S, config), config.block_stride_q, device=q.device)
     rows = torch.minimum(starts.unsqueeze(1) + offs, ends.unsqueeze(1) - 1) - q_offset  # [n, nq]
@@ -246,7 +246,7 @@ def hip_mask_ref(q: torch.Tensor, k: torch.Tensor, q_offset: int, config: Any) -
         ``blocks [B, M, N, K]``, ``local_start [N]``, ``reads [N]``.
     """
     B, H, S, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
     M, Gm = mask_heads(H, Hkv, config)
     K = config.mask_blocks
@@ -274,7 +274,7 @@ def hip_mask_ref(q: torch.Tensor, k: torch.Tensor, q_offset: int, config: Any) -
             if qg is None:
                 qg = _query_rows(q, starts[sl], ends[sl], q_offset, config, M, Gm, S)
             cand_start, cand_size, split = split_ranges(start, size)
-            scores = _score_ref(qg, k_flat, kv_base, cand_start, cand_size, config, T)
+            scores = _score_ref(qg, k_flat, kv_base, cand_start, cand_size, config)
             read += ((cand_size > 0) & split).sum(dim=(0, 1, 3)) * nk
             start, size = select_top(cand_start, cand_size, scores, K)
         blocks.append(finalize_blocks(start, size, config.sink_blocks))

@@ -55,7 +55,6 @@ from longctx.speculative.sampling import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_GAMMA = 6  # tokens per full-cache verification: TriForce's on-chip A100 setting
-DEFAULT_DRAFT_GAMMA = 2  # draft tokens per middle verification (the official code drafts 1)
 
 VerifyRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -76,6 +75,9 @@ class TriForceStats:
     committed: int = 0  # tokens committed by the verifications (every token but the first)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    draft_s: float = 0.0  # decode wall time inside each level's forwards (host-side timing)
+    middle_s: float = 0.0
+    top_s: float = 0.0
 
     @property
     def acceptance_middle(self) -> float:
@@ -108,6 +110,7 @@ class TriForceStats:
                      "ms_per_token"):
             out[name] = getattr(self, name)
         out["middle_forwards_per_token"] = self.middle_forwards / max(self.committed, 1)
+        out["mean_draft_length"] = self.draft_proposed / max(self.middle_forwards, 1)
         out["draft_forwards_per_token"] = self.draft_forwards / max(self.committed, 1)
         return out
 
@@ -117,16 +120,18 @@ class _Level:
     """One model and one cache; ``cached`` tokens of the shared sequence are in the cache."""
 
     def __init__(self, model: torch.nn.Module, cache: LongCtxCache):
-        self.model, self.cache, self.cached, self.forwards = model, cache, 0, 0
+        self.model, self.cache, self.cached, self.forwards, self.seconds = model, cache, 0, 0, 0.0
 
     def feed(self, seq: "_Sequence", end: int, keep: int) -> torch.Tensor:
         """Run the model on ``seq[cached:end]``; returns the last ``keep`` positions' logits ``[B, keep, V]``."""
+        t0 = time.perf_counter()
         kwargs = {CACHE_KWARG: self.cache, "use_cache": True, "logits_to_keep": keep}
         if seq.mask is not None:
             kwargs["attention_mask"] = seq.mask[:, :end]
         out = self.model(input_ids=seq.ids[:, self.cached : end], position_ids=seq.pos[:, self.cached : end], **kwargs)
         self.cached = end
         self.forwards += 1
+        self.seconds += time.perf_counter() - t0
         return out.logits[:, -keep:]
 
     def truncate(self, length: int) -> None:
@@ -199,11 +204,68 @@ def _warp(temperature: float, top_p: float, top_k: Optional[int]) -> Callable:
     return process
 
 
+# ----------------------------------------------------------------------------------------- draft length
+class DraftLength:
+    """How many tokens the draft proposes per middle verification.
+
+    A fixed ``value``, or (``value=None``) the length that maximises the expected tokens per
+    second of the middle level: with per-token draft acceptance ``a``, ``g`` draft tokens
+    yield ``(1 - a^(g+1)) / (1 - a)`` tokens for ``g·c_draft + c_middle`` seconds (measured
+    costs per forward, exponential moving averages). ``g = 0`` lets the middle level propose
+    alone when the draft does not pay for itself (e.g. the digits of a retrieved needle,
+    which a StreamingLLM draft cannot see); every ``probe_every``-th such step still drafts
+    one token to keep the estimate of ``a`` fresh. Any schedule keeps the output lossless:
+    the choice only uses tokens already verified.
+
+    Parameters
+    ----------
+    value : int, optional
+        Fixed draft length (>= 1); ``None`` adapts in ``[0, max_len]``.
+    max_len : int
+        Upper bound of the adaptive length.
+    """
+
+    def __init__(self, value: Optional[int], max_len: int, probe_every: int = 8, decay: float = 0.8):
+        self.value, self.max_len, self.probe_every, self.decay = value, max_len, probe_every, decay
+        self.successes, self.tests = 1.0, 2.0  # prior: a = 0.5
+        self.cost_draft: Optional[float] = None
+        self.cost_middle: Optional[float] = None
+        self._skipped = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.successes / self.tests
+
+    def choose(self) -> int:
+        if self.value is not None:
+            return self.value
+        if self.cost_draft is None or self.cost_middle is None:
+            return min(2, self.max_len)  # measure both costs first
+        a = min(self.acceptance, 0.999)
+        rate = [(1 - a ** (g + 1)) / (1 - a) / (g * self.cost_draft + self.cost_middle) for g in range(self.max_len + 1)]
+        best = max(range(len(rate)), key=rate.__getitem__)
+        if best == 0:
+            self._skipped += 1
+            if self._skipped >= self.probe_every:
+                self._skipped, best = 0, 1
+        return best
+
+    def update(self, proposed: int, accepted: float, rejected: float, draft_s: float, middle_s: float) -> None:
+        """Record one middle step: mean accepted and rejected-test counts over the batch, wall seconds."""
+        d = self.decay
+        if proposed:
+            self.successes = d * self.successes + accepted
+            self.tests = d * self.tests + accepted + rejected
+            per = draft_s / proposed
+            self.cost_draft = per if self.cost_draft is None else d * self.cost_draft + (1 - d) * per
+        self.cost_middle = middle_s if self.cost_middle is None else d * self.cost_middle + (1 - d) * middle_s
+
+
 # ----------------------------------------------------------------------------------------- the loop
 class TriForceEngine:
     """The three-level loop over prepared levels (use :func:`triforce_generate`)."""
 
-    def __init__(self, draft: _Level, middle: _Level, top: _Level, rule: _Rule, gamma: int, draft_gamma: int):
+    def __init__(self, draft: _Level, middle: _Level, top: _Level, rule: _Rule, gamma: int, draft_gamma: DraftLength):
         self.draft, self.middle, self.top, self.rule = draft, middle, top, rule
         self.gamma, self.draft_gamma = gamma, draft_gamma
         self.stats = TriForceStats()
@@ -217,9 +279,10 @@ class TriForceEngine:
         st, C = self.stats, len(seq)
         qs = []
         while len(seq) - C < size:
-            g1 = min(self.draft_gamma, size - (len(seq) - C))
+            g1 = min(self.draft_gamma.choose(), size - (len(seq) - C))
             start = len(seq)
-            # draft: g1 tokens, one forward each
+            # draft: g1 tokens, one forward each (g1 = 0: the middle level proposes alone)
+            t0 = time.perf_counter()
             d = []
             for _ in range(g1):
                 dist = self.rule.dist(seq, len(seq), self.draft.feed(seq, len(seq), 1))[:, -1]
@@ -227,16 +290,21 @@ class TriForceEngine:
                 seq.append(self.rule.pick(dist))
             y = seq.ids[:, start:]  # [B, g1]
             # middle: verify all g1 in one forward (+ the distribution after them)
+            t1 = time.perf_counter()
             m = self.rule.dist(seq, start, self.middle.feed(seq, len(seq), g1 + 1))  # [B, g1+1, V]
-            n, z = self.rule.verify("middle", y, None if self.rule.greedy else torch.stack(d, 1), m)
+            q = None if self.rule.greedy else (torch.stack(d, 1) if d else m[:, :0])
+            n, z = self.rule.verify("middle", y, q, m)
             k, z = commit_uniform(n, z, y)
+            t2 = time.perf_counter()
             seq.cut(start + k)
             seq.append(z)
             self.draft.truncate(start + k)
             self.middle.truncate(start + k)
             qs.append(m[:, : k + 1])
+            accepted = float(n.float().mean())
             st.draft_proposed += g1
-            st.draft_accepted += float(n.float().mean())
+            st.draft_accepted += accepted
+            self.draft_gamma.update(g1, accepted, float((n < g1).float().mean()), t1 - t0, t2 - t1)
         block = seq.ids[:, C:]
         seq.cut(C)
         return block, torch.cat(qs, 1) if qs else None
@@ -257,7 +325,6 @@ class TriForceEngine:
         self._truncate(C + m)
         st.middle_proposed += k
         st.middle_accepted += float(n.float().mean())
-        st.committed += m + 1
         return seq.ids[:, C:]
 
     def run(self, seq: _Sequence, max_new_tokens: int, eos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -270,6 +337,8 @@ class TriForceEngine:
         self.draft.feed(seq, P, 1)
         seq.append(self.rule.pick(first))
         st.prefill_s = time.perf_counter() - t0
+        for level in (self.draft, self.middle, self.top):
+            level.seconds = 0.0
         finished = _hits(seq.ids[:, P:], eos)
         t0 = time.perf_counter()
         while len(seq) - P < max_new_tokens and not bool(finished.all()):
@@ -278,6 +347,7 @@ class TriForceEngine:
         st.decode_s = time.perf_counter() - t0
         st.top_forwards, st.middle_forwards = self.top.forwards - 1, self.middle.forwards - 1
         st.draft_forwards = self.draft.forwards - 1
+        st.draft_s, st.middle_s, st.top_s = self.draft.seconds, self.middle.seconds, self.top.seconds
         seq.cut(P + max_new_tokens)  # the last block may overshoot
         st.new_tokens = len(seq) - P
         st.committed = st.new_tokens - 1
@@ -352,6 +422,8 @@ def _check_args(input_ids, attention_mask, max_new_tokens, gamma, draft_gamma, t
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"triforce_generate requires attention_mask of shape {tuple(input_ids.shape)} (got {tuple(attention_mask.shape)})")
     for name, value in (("max_new_tokens", max_new_tokens), ("gamma", gamma), ("draft_gamma", draft_gamma)):
+        if name == "draft_gamma" and value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"triforce_generate requires {name} >= 1 (got {value!r})")
     if not temperature >= 0:
@@ -373,7 +445,7 @@ def _build_engine(target, draft, stack, *, gamma, draft_gamma, middle, middle_op
         _Level(target, _cache(th, middle, middle_options)),
         _Level(target, _cache(th, "dense")),
     )
-    return TriForceEngine(*levels, rule=rule, gamma=gamma, draft_gamma=draft_gamma)
+    return TriForceEngine(*levels, rule=rule, gamma=gamma, draft_gamma=DraftLength(draft_gamma, gamma))
 
 
 @torch.no_grad()
@@ -387,7 +459,7 @@ def triforce_generate(
     top_p: float = 1.0,
     top_k: Optional[int] = None,
     gamma: int = DEFAULT_GAMMA,
-    draft_gamma: int = DEFAULT_DRAFT_GAMMA,
+    draft_gamma: Optional[int] = None,
     middle: Union[str, BackendConfig] = "triforce_retrieval",
     middle_options: Optional[Mapping[str, Any]] = None,
     draft_cache: Union[None, str, BackendConfig, Mapping[str, Any]] = None,
@@ -415,8 +487,9 @@ def triforce_generate(
         Nucleus / top-k truncation of every level's distribution when sampling (default off).
     gamma : int
         Tokens the middle level proposes per full-cache verification (default 6).
-    draft_gamma : int
-        Tokens the draft proposes per middle verification (default 2).
+    draft_gamma : int, optional
+        Tokens the draft proposes per middle verification. Default ``None``: adaptive in
+        ``[0, gamma]`` (see :class:`DraftLength`; the official code drafts 1).
     middle : str or BackendConfig
         Middle-level backend: ``"triforce_retrieval"`` (default: chunk 8, budget 4096) or
         any registered backend name / config.
@@ -462,7 +535,7 @@ def triforce_generate(
         engine = _build_engine(target, draft, stack, gamma=gamma, draft_gamma=draft_gamma, middle=middle,
                                middle_options=middle_options, draft_cache=draft_cache, rule=rule)
         seq = _Sequence(input_ids, None if attention_mask is None else attention_mask.to(device),
-                        max_new_tokens + gamma + draft_gamma + 2)
+                        max_new_tokens + 2 * gamma + 2)
         ids = engine.run(seq, max_new_tokens, eos)
     out = _finish(ids, input_ids.shape[1], eos, pad_token_id)
     logger.info("triforce: %d tokens, %.2f ms/token, acceptance middle %.3f top %.3f, %.2f tokens/verification",

@@ -134,6 +134,34 @@ def test_full_rank_full_budget_equals_dense(gen, opts):
     assert sk.seq_length == dense.seq_length == T + 64 + 4
 
 
+class _ApplyOnlyRotary:
+    """A rotary helper with only the contract's ``apply``/``invert`` (no ``cos_sin`` tables)."""
+
+    def __init__(self, inner):
+        self.apply, self.invert = inner.apply, inner.invert
+
+
+def test_rope_paths_agree(gen):
+    H, Hkv, D, T, B = 4, 2, 16, 400, 2
+    rope = RotaryHelper(LlamaRopeEmb(D, 10000.0))
+    folded = make_layer("shadowkv", _ctx(H, Hkv, D, rotary=rope), sparse_budget=64, rank=16)
+    per_token = make_layer("shadowkv", _ctx(H, Hkv, D, rotary=_ApplyOnlyRotary(rope)), sparse_budget=64, rank=16)
+    for a, b in _run_pair([folded, per_token], gen, B, H, Hkv, D, T, steps=6, verify_at=(3,)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert folded.sv_offsets is not None and per_token.sv_offsets is None
+    # positions that are not consecutive inside chunks: per-token cos/sin, still exact at full rank
+    sk = make_layer("shadowkv", _ctx(H, Hkv, D), sparse_budget=T, rank=Hkv * D)
+    dense = make_layer("dense", _ctx(H, Hkv, D))
+    q, k, v, _ = _inputs(gen, 1, H, Hkv, T, D)
+    pos = (torch.arange(T) * 3).unsqueeze(0)
+    for layer in (sk, dense):
+        layer.prefill(q, k, v, pos)
+    for i in range(3):
+        step = _inputs(gen, 1, H, Hkv, 1, D, start=3 * (T + i))
+        torch.testing.assert_close(sk.decode(*step), dense.decode(*step), atol=ATOL, rtol=RTOL)
+    assert sk.sv_offsets is None and sk.stats()["chunks_selected"] > 0
+
+
 def test_short_context_falls_back_to_dense_and_says_so(gen, caplog):
     ctx = _ctx()
     sk = make_layer("shadowkv", ctx, sparse_budget=256)  # prompt of 100 < budget
@@ -219,13 +247,15 @@ def test_rope_helpers_round_trip(gen):
     y = rope.apply(x, pos)
     torch.testing.assert_close(rope.invert(y, pos), x, atol=1e-5, rtol=1e-5)
     cos, sin = rope.cos_sin(pos, x)
-    torch.testing.assert_close(rope_inplace_halves(x.flatten(0, 1), cos.repeat_interleave(2, 0), sin.repeat_interleave(2, 0)),
-                               y.flatten(0, 1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rope_inplace_halves(x, cos, sin),
+                               y, atol=1e-6, rtol=1e-6)
     # partial rotary: only the first R dims rotate
     R = 8
-    xp = rope_inplace_halves(x.flatten(0, 1), cos[..., :4].repeat(1, 1, 1, 2).repeat_interleave(2, 0),
-                             sin[..., :4].repeat(1, 1, 1, 2).repeat_interleave(2, 0))
-    assert torch.equal(xp[..., R:], x.flatten(0, 1)[..., R:])
+    c8, s8 = cos[..., :4].repeat(1, 1, 1, 2), sin[..., :4].repeat(1, 1, 1, 2)
+    xp = rope_inplace_halves(x, c8, s8)
+    assert torch.equal(xp[..., R:], x[..., R:])
+    x1, x2 = x[..., :4], x[..., 4:8]
+    torch.testing.assert_close(xp[..., :R], x[..., :R] * c8 + torch.cat([-x2, x1], -1) * s8, atol=1e-6, rtol=1e-6)
 
 
 def test_landmark_scores_semantics(gen):
@@ -257,6 +287,7 @@ def test_memory_per_tier(gen):
     device += (B * Hkv * N + 1) * 8 + B * Hkv * K * 8  # slot tables
     assert layer.memory() == {"device": device + exact, "host": B * Hkv * N * C * D * f}
     layer.decode(*_inputs(gen, B, H, Hkv, 1, D, start=T))
+    device += B * Hkv * C * 12 * D * f  # SV rotated by each in-chunk offset, built at the first decode
     assert layer.memory()["device"] == device + exact + 2 * B * Hkv * D * f  # + one generated token
     dense_kv = 2 * B * Hkv * T * D * f
     assert layer.memory()["device"] < dense_kv

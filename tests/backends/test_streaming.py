@@ -6,6 +6,7 @@ import torch
 
 import longctx
 from longctx.backends import LayerContext, make_layer
+from longctx.backends.streaming import COMPACT_EVERY
 from longctx.config import StreamingConfig
 from longctx.eval.bench import StandardRope
 from longctx.models import RotaryHelper
@@ -35,16 +36,14 @@ def _rope(rope, x, pos):
     return x * cos.unsqueeze(1) + torch.cat([-x2, x1], -1) * sin.unsqueeze(1)
 
 
-def _reference(qp, kp, v, t, cfg, rope, scale):
-    """Output of stream query ``t`` (pre-RoPE ``qp [B, H, 1, D]``) over the stream's pre-RoPE keys ``kp [B, Hkv, N, D]``."""
-    cap = cfg.sinks + cfg.window + cfg.rollback_reserve
-    held = torch.arange(t + 1)
-    if t + 1 > cap:
-        held = torch.cat([held[: cfg.sinks], held[t + 1 - (cap - cfg.sinks) :]])
-    slots = torch.arange(len(held))
-    q_slot = len(held) - 1
-    seen = (slots < cfg.sinks) | (slots > q_slot - cfg.window)
-    idx, slot = held[seen], slots[seen]
+def _reference(qp, kp, v, t, t_last, held, cfg, rope, scale):
+    """Output of stream query ``t`` (pre-RoPE ``qp [B, H, 1, D]``) of a call ending at ``t_last`` that left
+    ``held`` tokens: the sinks and the latest others, at slots ``0 .. held-1``."""
+    idx_all = torch.cat([torch.arange(min(cfg.sinks, held)), torch.arange(t_last + 1 - (held - cfg.sinks), t_last + 1)])
+    slots = torch.arange(held)
+    q_slot = held - 1 - (t_last - t)
+    seen = (slots <= q_slot) & ((slots < cfg.sinks) | (slots > q_slot - cfg.window))
+    idx, slot = idx_all[seen], slots[seen]
     k = _rope(rope, kp[:, :, idx], slot)
     q = _rope(rope, qp, torch.tensor([q_slot]))
     G = qp.shape[1] // kp.shape[1]
@@ -56,29 +55,30 @@ def _reference(qp, kp, v, t, cfg, rope, scale):
 def test_decode_matches_sinks_window_reference(gen, Hkv):
     ctx, rope = _ctx(4, Hkv)
     cfg = StreamingConfig(sinks=3, window=8, rollback_reserve=2)
+    cap = cfg.sinks + cfg.window + cfg.rollback_reserve
     layer = make_layer(cfg, ctx)
-    P, N = 10, 24
+    P, N = 16, 16 + COMPACT_EVERY + 12
     qp = torch.randn(1, 4, N, D, generator=gen)
     kp = torch.randn(1, Hkv, N, D, generator=gen)
     v = torch.randn(1, Hkv, N, D, generator=gen)
     pos = torch.arange(N)
     q, k = _rope(rope, qp, pos), _rope(rope, kp, pos)  # what the model hands over: original positions
     layer.prefill(q[:, :, :P], k[:, :, :P], v[:, :, :P], pos[:P].unsqueeze(0))
+    held = min(P, cap)  # the prefill evicts down to capacity
     t = P
     while t < N:
-        S = 1 if t < 18 else 3  # single steps, then a multi-token (verification) call
+        S = 3 if t % 7 == 0 and t + 3 <= N else 1  # single steps and multi-token (verification) calls
         out = layer.decode(q[:, :, t : t + S], k[:, :, t : t + S], v[:, :, t : t + S], pos[t : t + S].unsqueeze(0))
+        held += S
+        if held > cap + COMPACT_EVERY:  # lazy eviction back to capacity
+            held = cap
+        assert layer.stats()["keys_held"] == held
         for i in range(S):
-            # a multi-token call sees the same keys as its last query; earlier queries are masked causally
-            if S == 1 or t + S <= cfg.sinks + cfg.window + cfg.rollback_reserve:
-                ref = _reference(qp[:, :, t + i : t + i + 1], kp, v, t + i, cfg, rope, ctx.scale)
-                torch.testing.assert_close(out[:, :, i : i + 1], ref, atol=1e-5, rtol=1e-5)
-        if S > 1:
-            ref = _reference(qp[:, :, t + S - 1 : t + S], kp, v, t + S - 1, cfg, rope, ctx.scale)
-            torch.testing.assert_close(out[:, :, S - 1 :], ref, atol=1e-5, rtol=1e-5)
+            ref = _reference(qp[:, :, t + i : t + i + 1], kp, v, t + i, t + S - 1, held, cfg, rope, ctx.scale)
+            torch.testing.assert_close(out[:, :, i : i + 1], ref, atol=1e-5, rtol=1e-5)
         t += S
     assert layer.seq_length == N
-    assert layer.stats()["keys_held"] == cfg.sinks + cfg.window + cfg.rollback_reserve
+    assert layer.stats()["evicted"] > 0
 
 
 def test_rollback_within_reserve_restores_outputs(gen):

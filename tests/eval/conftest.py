@@ -1,4 +1,5 @@
 """Fixtures for the evaluation harness: a small byte-level BPE tokenizer and a tiny random Llama."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,11 @@ def _corpus() -> list[str]:
     for base in rl.BASE_TASKS.values():
         texts += [base["template"], base["answer_prefix"]]
     texts += list(lb.DATASET2PROMPT.values())
-    texts += ["One of the special magic numbers for blue-eyed-dog is: 1234567.", "VAR ABCDE = 12345", "0123456789 abcdef-"]
+    texts += [
+        "One of the special magic numbers for blue-eyed-dog is: 1234567.",
+        "VAR ABCDE = 12345",
+        "0123456789 abcdef-",
+    ]
     return texts
 
 
@@ -31,7 +36,9 @@ def build_tokenizer(vocab_size: int = 600):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -49,9 +56,15 @@ def tiny_eval_model(tmp_path_factory, eval_tokenizer):
 
     path = tmp_path_factory.mktemp("tiny_eval_llama")
     cfg = LlamaConfig(
-        vocab_size=len(eval_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        bos_token_id=eval_tokenizer.bos_token_id, eos_token_id=eval_tokenizer.eos_token_id,
+        vocab_size=len(eval_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        bos_token_id=eval_tokenizer.bos_token_id,
+        eos_token_id=eval_tokenizer.eos_token_id,
         pad_token_id=eval_tokenizer.pad_token_id,
     )
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ token F1 after normalisation, pltrdy ROUGE-L over unique words, fuzzywuzzy ratio
 classification rule with its remove-while-iterating quirk, the first-line rule, and
 ``round(100 * mean, 2)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,12 @@ CASES = {
     "vcsum": ([""], [["会议讨论了预算"]], None, 0.0),
     # first line "Type: Human being" -> [Human, Human being] -> Human dropped -> 1;
     # quirk: [a, ab, abc] with gt "abc": "a" removed, "ab" skipped -> [ab, abc] -> 1/2
-    "trec": (["Type: Human being\nLocation", "abc"], [["Human being"], ["abc"]], ["Human", "Human being", "Location", "a", "ab", "abc"], 75.0),
+    "trec": (
+        ["Type: Human being\nLocation", "abc"],
+        [["Human being"], ["abc"]],
+        ["Human", "Human being", "Location", "a", "ab", "abc"],
+        75.0,
+    ),
     # first line only: "Paris" -> 1 (the full text would give 2/3)
     "triviaqa": (["\nParis\nLondon"], [["Paris"]], None, 100.0),
     "samsum": (["Tom will come.\nDialogue: more"], [["Tom will come."]], None, 100.0),
@@ -88,7 +94,14 @@ def test_prompts_are_the_official_strings():
 
 
 def _record(context: str, inp: str = "Who?") -> dict:
-    return {"input": inp, "context": context, "answers": ["A"], "length": len(context.split()), "all_classes": None, "_id": "x"}
+    return {
+        "input": inp,
+        "context": context,
+        "answers": ["A"],
+        "length": len(context.split()),
+        "all_classes": None,
+        "_id": "x",
+    }
 
 
 def test_truncation_keeps_head_and_tail(eval_tokenizer):
@@ -97,7 +110,9 @@ def test_truncation_keeps_head_and_tail(eval_tokenizer):
     built = lb.build_prompt(tok, "qasper", _record(ctx), max_length=120, chat="none")
     ids = tok(lb.DATASET2PROMPT["qasper"].format(**_record(ctx)), truncation=False).input_ids
     assert built["truncated"] and built["tokens_before"] == len(ids) > 120
-    assert built["prompt"] == tok.decode(ids[:60], skip_special_tokens=True) + tok.decode(ids[-60:], skip_special_tokens=True)
+    assert built["prompt"] == tok.decode(ids[:60], skip_special_tokens=True) + tok.decode(
+        ids[-60:], skip_special_tokens=True
+    )
     assert built["prompt"].startswith("You are given a scientific article") and built["prompt"].endswith("Answer:")
     short = lb.build_prompt(tok, "qasper", _record("tiny"), max_length=5000, chat="none")
     assert not short["truncated"] and short["prompt"] == lb.DATASET2PROMPT["qasper"].format(**_record("tiny"))
@@ -107,9 +122,13 @@ def test_chat_template_exceptions(eval_tokenizer):
     import copy
 
     tok = copy.deepcopy(eval_tokenizer)
-    tok.chat_template = "{% for m in messages %}<s>[U]{{ m['content'] }}[/U]{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}<s>[U]{{ m['content'] }}[/U]{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
+    )
     qa = lb.build_prompt(tok, "hotpotqa", _record("ctx"), 5000)
-    assert qa["chat_applied"] and qa["prompt"].startswith("<s>[U]Answer the question") and qa["prompt"].endswith("[/U][A]")
+    assert (
+        qa["chat_applied"] and qa["prompt"].startswith("<s>[U]Answer the question") and qa["prompt"].endswith("[/U][A]")
+    )
     assert qa["add_special_tokens"] is False  # the template writes BOS itself
     for ds in lb.NO_CHAT_TEMPLATE:
         rec = _record("ctx", "Type:")
@@ -124,7 +143,10 @@ def test_build_samples_fields(tmp_path, eval_tokenizer):
     assert [s["id"] for s in samples] == ["samsum/256/0", "samsum/256/1", "samsum/512/0", "samsum/512/1"]
     s = samples[0]
     assert s["max_new_tokens"] == 128 and s["metric"] == "rouge_score" and s["outputs"] == ["A"]
-    assert s["gen"] == {"stop_token_ids": [eval_tokenizer.encode("\n", add_special_tokens=False)[-1]], "min_new_tokens": 1}
+    assert s["gen"] == {
+        "stop_token_ids": [eval_tokenizer.encode("\n", add_special_tokens=False)[-1]],
+        "min_new_tokens": 1,
+    }
 
 
 def test_missing_data_dir_names_expected_files(tmp_path):
@@ -136,7 +158,9 @@ def test_missing_data_dir_names_expected_files(tmp_path):
         lb.find_data_files(str(tmp_path), ["qasper", "trec"])
     with pytest.raises(FileNotFoundError, match="qasper_e.jsonl"):
         lb.find_data_files(str(tmp_path), ["qasper"], e=True)
-    assert lb.find_data_files(str(tmp_path), ["qasper", "trec"], explicit=False) == {"qasper": tmp_path / "qasper.jsonl"}
+    assert lb.find_data_files(str(tmp_path), ["qasper", "trec"], explicit=False) == {
+        "qasper": tmp_path / "qasper.jsonl"
+    }
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

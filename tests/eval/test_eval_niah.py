@@ -1,4 +1,5 @@
 """Needle in a haystack: grid, insertion depth, length rule, substring scoring and the heatmap."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,7 +44,9 @@ def test_noise_haystack_scoring_and_heatmap(eval_tokenizer, tmp_path):
     assert samples[0]["outputs"] == ["eat a sandwich and sit in Dolores Park"]
     assert nh.substring_score(" They EAT A SANDWICH and sit in Dolores Park.", samples[0]["outputs"]) == 1.0
     assert nh.score_cell(["1234567", "no", "x 1234567"], [["1234567"]] * 3) == 66.67
-    out = nh.plot_heatmap({"depth_000": {"1024": 100.0, "2048": 50.0}, "depth_100": {"1024": 0.0, "2048": 100.0}}, tmp_path / "h.png", "t")
+    out = nh.plot_heatmap(
+        {"depth_000": {"1024": 100.0, "2048": 50.0}, "depth_100": {"1024": 0.0, "2048": 100.0}}, tmp_path / "h.png", "t"
+    )
     assert out and (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,4 +1,5 @@
 """RULER: generated samples follow the official format and sizing rule on a small BPE tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,10 @@ def _check_length_rule(tok, samples, L, min_fill=0.75):
 @pytest.fixture(scope="module")
 def essay_file(tmp_path_factory):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
-    sents = [f"{words[i % 11].capitalize()} {words[(i * 7) % 11]} {words[(i * 3) % 11]} went home at {i}." for i in range(900)]
+    sents = [
+        f"{words[i % 11].capitalize()} {words[(i * 7) % 11]} {words[(i * 3) % 11]} went home at {i}."
+        for i in range(900)
+    ]
     path = tmp_path_factory.mktemp("essay") / "PaulGrahamEssays.json"
     path.write_text(json.dumps({"text": "  ".join(sents)}))
     return str(path)
@@ -45,7 +49,9 @@ def test_niah_single_noise_format_and_length(eval_tokenizer):
         assert s["id"] == f"niah_single_1/{L}/{i}" and s["max_new_tokens"] == 128 and s["metric"] == "string_match_all"
         (value,) = s["outputs"]
         assert re.fullmatch(r"\d{7}", value)
-        key = re.search(r"What is the special magic number for (\S+) mentioned in the provided text\?$", s["input"]).group(1)
+        key = re.search(
+            r"What is the special magic number for (\S+) mentioned in the provided text\?$", s["input"]
+        ).group(1)
         assert re.fullmatch(r"[^\s-]+(-[^\s-]+)*", key) and "-" in key  # adjective-noun word key
         assert s["input"].startswith(NIAH_HEAD_SINGULAR)
         assert s["answer_prefix"] == f" The special magic number for {key} mentioned in the provided text is"
@@ -94,7 +100,8 @@ def test_vt_chain_and_icl_example(eval_tokenizer):
     assert len(names) == 5 and all(re.fullmatch(r"[A-Z]{5}", n) for n in names)
     value = re.search(r"assigned the value (\d{5}), they are: $", s["answer_prefix"]).group(1)
     assert s["answer_prefix"] == (
-        f" Answer: According to the chain(s) of variable assignment in the text above, 5 variables are assigned the value {value}, they are: "
+        " Answer: According to the chain(s) of variable assignment in the text above, "
+        f"5 variables are assigned the value {value}, they are: "
     )
     assert f"VAR {names[0]} = {value}" in s["input"]
     for a, b in zip(names, names[1:]):
@@ -130,12 +137,35 @@ def test_cwe_and_fwe_answers(eval_tokenizer):
 
 def test_qa_tasks_from_local_files(tmp_path, eval_tokenizer):
     tok = eval_tokenizer
-    squad = {"data": [{"paragraphs": [
-        {"context": f"Paragraph {a}-{p} tells about topic {a * 10 + p} in some detail.",
-         "qas": [{"question": f"What is topic {a}-{p}?", "answers": [{"text": f"topic {a * 10 + p}"}], "is_impossible": p == 2}]}
-        for p in range(3)]} for a in range(40)]}
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": f"Paragraph {a}-{p} tells about topic {a * 10 + p} in some detail.",
+                        "qas": [
+                            {
+                                "question": f"What is topic {a}-{p}?",
+                                "answers": [{"text": f"topic {a * 10 + p}"}],
+                                "is_impossible": p == 2,
+                            }
+                        ],
+                    }
+                    for p in range(3)
+                ]
+            }
+            for a in range(40)
+        ]
+    }
     (tmp_path / "squad.json").write_text(json.dumps(squad))
-    hotpot = [{"question": f"Q{i}?", "answer": f"ans{i}", "context": [[f"T{i}-{j}", [f"Sentence {i} {j}. ", "More."]] for j in range(3)]} for i in range(30)]
+    hotpot = [
+        {
+            "question": f"Q{i}?",
+            "answer": f"ans{i}",
+            "context": [[f"T{i}-{j}", [f"Sentence {i} {j}. ", "More."]] for j in range(3)],
+        }
+        for i in range(30)
+    ]
     (tmp_path / "hotpotqa.json").write_text(json.dumps(hotpot))
     src = rl.RulerSources.from_dir(str(tmp_path))
     q1 = rl.generate_task("qa_1", 1024, tok, 2, sources=src)
@@ -145,7 +175,11 @@ def test_qa_tasks_from_local_files(tmp_path, eval_tokenizer):
     assert q1[1]["input"].endswith("Question: What is topic 0-1?")  # questions in file order, impossible ones dropped
     assert "Document 1:\n" in q1[0]["input"] and "Paragraph 0-0 tells" in q1[0]["input"]
     q2 = rl.generate_task("qa_2", 1024, tok, 1, sources=src)[0]
-    assert q2["input"].endswith("Question: Q0?") and q2["outputs"] == ["ans0"] and "T0-2\nSentence 0 2. More." in q2["input"]
+    assert (
+        q2["input"].endswith("Question: Q0?")
+        and q2["outputs"] == ["ans0"]
+        and "T0-2\nSentence 0 2. More." in q2["input"]
+    )
 
 
 def test_missing_sources_are_skipped_with_a_reason(eval_tokenizer):
@@ -171,7 +205,9 @@ def test_model_chat_template_wraps_task_and_prefix_follows(eval_tokenizer):
     import copy
 
     tok = copy.deepcopy(eval_tokenizer)
-    tok.chat_template = "{% for m in messages %}<s>[U]{{ m['content'] }}[/U]{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}<s>[U]{{ m['content'] }}[/U]{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
+    )
     template, name = rl.chat_template_for(tok, "auto")
     assert name == "model" and template == "<s>[U]{task_template}[/U][A]"
     s = rl.generate_task("vt", 1024, tok, 1, model_template=template)[0]

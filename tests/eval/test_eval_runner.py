@@ -1,4 +1,5 @@
 """End to end: a tiny random Llama, two backends, the results folder, resume, bad input, two processes."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,23 @@ import pytest
 
 from longctx.eval import cli, runner
 
-RULER_ARGS = ["--tasks", "niah_single_1,vt", "--lengths", "768", "--samples", "1", "--max-new-tokens", "3"]
+RULER_ARGS = ["--tasks", "niah_single_1,fwe", "--lengths", "768", "--samples", "1", "--max-new-tokens", "3"]
 
 
 def _ruler(model, out, *extra):
-    return ["ruler", "--model", model, "--backend", "dense", "--backend", "dense:offload=true", *RULER_ARGS, "--output", str(out), *extra]
+    return [
+        "ruler",
+        "--model",
+        model,
+        "--backend",
+        "dense",
+        "--backend",
+        "dense:offload=true",
+        *RULER_ARGS,
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def test_two_backends_write_folder_table_and_resume(tiny_eval_model, tmp_path, capsys, monkeypatch):
@@ -32,10 +45,12 @@ def test_two_backends_write_folder_table_and_resume(tiny_eval_model, tmp_path, c
     for d in (dense, offl):
         assert sorted(p.name for p in d.iterdir()) == ["config.json", "metrics.json", "predictions.jsonl", "summary.md"]
         preds = [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
-        assert [p["id"] for p in preds] == ["niah_single_1/768/0", "vt/768/0"]
-        assert all(p["new_tokens"] <= 3 and p["prefill_s"] > 0 and set(p["memory"]) == {"device", "host"} for p in preds)
+        assert [p["id"] for p in preds] == ["niah_single_1/768/0", "fwe/768/0"]
+        assert all(
+            p["new_tokens"] <= 3 and p["prefill_s"] > 0 and set(p["memory"]) == {"device", "host"} for p in preds
+        )
         metrics = json.loads((d / "metrics.json").read_text())
-        assert metrics["complete"] and set(metrics["scores"]) == {"niah_single_1", "vt"}
+        assert metrics["complete"] and set(metrics["scores"]) == {"niah_single_1", "fwe"}
         assert metrics["cost"]["768"]["samples"] == 2 and "wavg_inc" in metrics["ruler"]
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["seed"] == 42 and cfg["chat_template"]["name"] == "base" and cfg["eos_token_ids"] == [2]
@@ -45,7 +60,9 @@ def test_two_backends_write_folder_table_and_resume(tiny_eval_model, tmp_path, c
     assert json.loads((offl / "config.json").read_text())["backend"]["config"] == {"offload": True}
     # the offloaded dense cache keeps its K/V on the host tier
     assert json.loads((offl / "metrics.json").read_text())["cost"]["768"]["peak_host_bytes"] > 0
-    assert (out / f"comparison__ruler__{model_name}.md").exists() and (out / f"score_vs_length__ruler__{model_name}.png").exists()
+    assert (out / f"comparison__ruler__{model_name}.md").exists() and (
+        out / f"score_vs_length__ruler__{model_name}.png"
+    ).exists()
 
     # an identical second run finishes from the saved results: no model is loaded
     monkeypatch.setattr(runner, "_load_model", lambda *a, **k: pytest.fail("model loaded on a complete rerun"))
@@ -55,7 +72,7 @@ def test_two_backends_write_folder_table_and_resume(tiny_eval_model, tmp_path, c
     assert (dense / "predictions.jsonl").read_bytes() == before
 
 
-def test_interrupted_run_resumes_only_missing(tiny_eval_model, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_only_missing(tiny_eval_model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "res"
     args = ["ruler", "--model", tiny_eval_model, *RULER_ARGS, "--output", str(out)]
     assert cli.main(args) == 0
@@ -66,25 +83,45 @@ def test_interrupted_run_resumes_only_missing(tiny_eval_model, tmp_path, monkeyp
     real = runner.generate_one
     monkeypatch.setattr(runner, "generate_one", lambda *a, **k: calls.append(a[2]["id"]) or real(*a, **k))
     assert cli.main(args) == 0
-    assert calls == ["vt/768/0"]
+    assert calls == ["fwe/768/0"]
     lines = pred.read_text().splitlines()
-    assert [json.loads(x)["id"] for x in lines] == ["niah_single_1/768/0", "vt/768/0"] and lines[0] == first
+    assert [json.loads(x)["id"] for x in lines] == ["niah_single_1/768/0", "fwe/768/0"] and lines[0] == first
+    # the same folder with another seed is refused instead of mixing runs
+    capsys.readouterr()
+    assert cli.main(args + ["--seed", "7"]) == 2
+    assert "different model, backend config, dtype, seed" in capsys.readouterr().err
 
 
 def test_longbench_and_niah_runs(tiny_eval_model, tmp_path):
     data = tmp_path / "lb"
     data.mkdir()
-    rec = {"input": "Dialogue: A: hi\nSummary:", "context": "Dialogue: B: yo\nSummary: B greets.", "answers": ["A greets."],
-           "length": 9, "all_classes": None, "_id": "s0"}
+    rec = {
+        "input": "Dialogue: A: hi\nSummary:",
+        "context": "Dialogue: B: yo\nSummary: B greets.",
+        "answers": ["A greets."],
+        "length": 9,
+        "all_classes": None,
+        "_id": "s0",
+    }
     (data / "samsum.jsonl").write_text(json.dumps(rec) + "\n")
     (data / "passage_count.jsonl").write_text(json.dumps({**rec, "answers": ["2"]}) + "\n")
     out = tmp_path / "res"
-    spec = runner.EvalSpec("longbench", tiny_eval_model, str(out), tasks=["samsum", "passage_count"], lengths=[64],
-                           data_dir=str(data), max_new_tokens=2)
+    spec = runner.EvalSpec(
+        "longbench",
+        tiny_eval_model,
+        str(out),
+        tasks=["samsum", "passage_count"],
+        lengths=[64],
+        data_dir=str(data),
+        max_new_tokens=2,
+    )
     m = runner.run_eval(spec)["dense"]
     assert set(m["scores"]) == {"samsum", "passage_count"} and "english_category_average" in m["longbench"]
     cfg = json.loads((out / f"longbench__{Path(tiny_eval_model).name}__dense" / "config.json").read_text())
-    assert cfg["truncation"] == {"rule": "head+tail", "max_length": [64]} and "samsum" in cfg["chat_template"]["not_applied_to"]
+    assert (
+        cfg["truncation"] == {"rule": "head+tail", "max_length": [64]}
+        and "samsum" in cfg["chat_template"]["not_applied_to"]
+    )
 
     spec = runner.EvalSpec("niah", tiny_eval_model, str(out), lengths=[256], depths=[0.0, 100.0], max_new_tokens=2)
     m = runner.run_eval(spec)["dense"]
@@ -99,13 +136,47 @@ def test_bad_input_messages(tiny_eval_model, tmp_path, capsys):
     assert "bogus" in err and "niah_multikey_3" in err and "qa_2" in err
     assert cli.main(["ruler", "--model", tiny_eval_model, "--backend", "nosuch", "--tasks", "vt", "--output", out]) == 2
     assert "nosuch" in (err := capsys.readouterr().err) and "dense" in err
-    assert cli.main(["ruler", "--model", tiny_eval_model, "--opt", "bogus_opt=1", "--tasks", "vt", "--output", out]) == 2
+    assert (
+        cli.main(["ruler", "--model", tiny_eval_model, "--opt", "bogus_opt=1", "--tasks", "vt", "--output", out]) == 2
+    )
     assert "valid options" in capsys.readouterr().err
-    assert cli.main(["longbench", "--model", tiny_eval_model, "--data-dir", str(tmp_path / "none"), "--tasks", "qasper,lcc", "--output", out]) == 2
+    assert (
+        cli.main(
+            [
+                "longbench",
+                "--model",
+                tiny_eval_model,
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--tasks",
+                "qasper,lcc",
+                "--output",
+                out,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "qasper.jsonl" in err and "lcc.jsonl" in err
     (tmp_path / "qasper.jsonl").write_text('{"input": "q"}\n')
-    assert cli.main(["longbench", "--model", tiny_eval_model, "--data-dir", str(tmp_path), "--tasks", "qasper", "--lengths", "64", "--output", out]) == 2
+    assert (
+        cli.main(
+            [
+                "longbench",
+                "--model",
+                tiny_eval_model,
+                "--data-dir",
+                str(tmp_path),
+                "--tasks",
+                "qasper",
+                "--lengths",
+                "64",
+                "--output",
+                out,
+            ]
+        )
+        == 2
+    )
     assert "qasper.jsonl:1: missing field" in capsys.readouterr().err
     assert cli.main(["ruler", "--model", str(tmp_path / "nomodel"), "--output", out]) == 2
     assert "nomodel" in capsys.readouterr().err
@@ -113,7 +184,11 @@ def test_bad_input_messages(tiny_eval_model, tmp_path, capsys):
 
 def test_parse_backends_precedence():
     runs = cli.parse_backends(["dense", "dense:offload=true", "other"], ["offload=false", "other.k=1"])
-    assert [(r.name, r.options) for r in runs] == [("dense", {"offload": "false"}), ("dense", {"offload": "true"}), ("other", {"offload": "false", "k": "1"})]
+    assert [(r.name, r.options) for r in runs] == [
+        ("dense", {"offload": "false"}),
+        ("dense", {"offload": "true"}),
+        ("other", {"offload": "false", "k": "1"}),
+    ]
     with pytest.raises(ValueError, match="not among"):
         cli.parse_backends(["dense"], ["x.k=1"])
     with pytest.raises(ValueError, match="distinct"):
@@ -123,9 +198,30 @@ def test_parse_backends_precedence():
 @pytest.mark.slow
 def test_two_processes_shard_and_merge(tiny_eval_model, tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "longctx.eval", "ruler",
-           "--model", tiny_eval_model, "--tasks", "niah_single_1", "--lengths", "512", "--samples", "3",
-           "--max-new-tokens", "2", "--device", "cpu", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "longctx.eval",
+        "ruler",
+        "--model",
+        tiny_eval_model,
+        "--tasks",
+        "niah_single_1",
+        "--lengths",
+        "512",
+        "--samples",
+        "3",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
