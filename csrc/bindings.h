@@ -7,4 +7,5 @@ namespace longctx {
 void register_sparse_attention(pybind11::module_& m);
 void register_index(pybind11::module_& m);
 void register_hip(pybind11::module_& m);
+void register_shadowkv(pybind11::module_& m);
 }  // namespace longctx

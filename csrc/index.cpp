@@ -1,15 +1,20 @@
 // Attention-aware ANNS index for RetrievalAttention (arXiv 2409.10516), built the RoarGraph way
-// (Chen et al., VLDB 2024): the exact query->key kNN lists of a head's prefill queries are projected
-// onto a key-key graph (occlusion pruning + reverse edges), then every key is linked by a key->key
-// search (connectivity enhancement) and unreachable keys are attached to the graph. Decode queries
-// run a best-first beam search from a few entry keys; the number of keys scored is reported.
+// (Chen et al., VLDB 2024). Two kinds of edges are walked by one best-first beam search:
 //
-// One graph per query head; the G query heads of a GQA group read one shared copy of the keys,
-// which stay owned by Python (a float32 numpy view [Hkv, N, D] passed to every call, any row and
-// head stride), so the host tier holds K once. Work is parallel over graphs (build, add) and over
-// (head, query) pairs (search) with OpenMP; no Python runs inside and the GIL is released.
+// - projection edges, one set per query head: the exact query->key kNN lists of the head's
+//   prefill (training) queries are projected onto the keys by linking each list's top-1 key
+//   (the pivot) to the list's other keys. Default: in the query's rank order, no pruning;
+//   `proj_prune` applies RoarGraph's occlusion pruning (inner product) with reverse edges.
+// - key-key base edges, one set per KV head and shared by the G query heads of the group
+//   (RoarGraph's connectivity enhancement, which is query independent): every key is linked by
+//   a key->key search with L2 occlusion pruning and reverse edges, and keys unreachable from
+//   the entries are attached (NSG's repair). Keys inserted after the build join this layer.
 //
-// Scores are inner products (maximum inner product search), "closer" = larger q.k.
+// Keys stay owned by Python: a float32 view [Hkv, N, D] (any head/row stride, contiguous rows)
+// is passed to every call and never copied, so the host tier holds K once. Work is parallel
+// over KV heads (base build, insertion), query heads (projection) and (head, query) pairs
+// (search) with OpenMP; no Python runs inside and the GIL is released. Scores are inner
+// products (maximum inner product search); "closer" means a larger q.k.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -23,14 +28,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-#include <chrono>
-#include <cstdio>
-static thread_local long long g_dots=0;
-#include <cstdlib>
-static bool envb(const char* n, bool d){ const char* v=getenv(n); return v? atoi(v)!=0 : d; }
-static int envi(const char* n, int d){ const char* v=getenv(n); return v? atoi(v) : d; }
-static bool FILL_INSERT_V = envb("LC_FILL", false);
-#define FILL_INSERT FILL_INSERT_V
 
 #include "bindings.h"
 
@@ -51,20 +48,18 @@ struct KeySet {
 };
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float s = 0.f; ++g_dots;
+  float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
   return s;
 }
 
 inline float l2(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float s = 0.f; ++g_dots;
+  float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += (a[i] - b[i]) * (a[i] - b[i]);
   return s;
 }
-static bool PRUNE_L2_V = envb("LC_L2", false);
-#define PRUNE_L2 PRUNE_L2_V
 
 // Pull a key row into cache before it is scored: graph search is bound by random memory reads.
 inline void prefetch_row(const float* p, int64_t d) {
@@ -397,6 +392,24 @@ bool connect(Adjacency& a, const KeySet& keys, uint32_t x, std::vector<Cand>& ca
   return linked;
 }
 
+// Projection without pruning: the pivot links to its training query's other neighbours in
+// the query's rank order, up to the degree (earlier queries first); with `reverse`, each
+// neighbour links back to the pivot while it has room.
+void link_ranked(Adjacency& a, uint32_t pivot, const std::vector<Cand>& ranked, bool reverse) {
+  uint32_t* nb = a.nbrs(pivot);
+  uint32_t& d = a.deg[pivot];
+  for (const Cand& c : ranked) {
+    if (d >= a.R) break;
+    if (c.id != pivot && std::find(nb, nb + d, c.id) == nb + d) nb[d++] = c.id;
+  }
+  if (!reverse) return;
+  for (const Cand& c : ranked) {
+    uint32_t* rb = a.nbrs(c.id);
+    uint32_t& rd = a.deg[c.id];
+    if (c.id != pivot && rd < a.R && std::find(rb, rb + rd, pivot) == rb + rd) rb[rd++] = pivot;
+  }
+}
+
 // Links key x into the base layer by a key->key search of width L (connectivity
 // enhancement at build time, incremental insertion afterwards).
 void insert_base(Adjacency& base, std::vector<uint32_t>& entries, const KeySet& keys, uint32_t x, size_t L,
@@ -492,9 +505,10 @@ uint32_t centroid_key(const KeySet& ks) {
 
 class GraphIndex {
  public:
-  GraphIndex(int num_graphs, int group_size, int dim, int degree, int base_degree, int build_ef)
+  GraphIndex(int num_graphs, int group_size, int dim, int degree, int base_degree, int build_ef, bool proj_prune,
+             bool proj_reverse)
       : num_graphs_(num_graphs), group_size_(group_size), dim_(dim), degree_(degree), base_degree_(base_degree),
-        build_ef_(build_ef) {
+        build_ef_(build_ef), proj_prune_(proj_prune), proj_reverse_(proj_reverse) {
     if (num_graphs <= 0 || group_size <= 0 || num_graphs % group_size)
       throw std::invalid_argument("GraphIndex requires num_graphs > 0 divisible by group_size > 0 (got " +
                                   std::to_string(num_graphs) + ", " + std::to_string(group_size) + ")");
@@ -559,20 +573,11 @@ class GraphIndex {
         for (int64_t j = 1; j < kq; ++j) {
           if (row[j] >= 0 && row[j] < n) cands.push_back({0.f, static_cast<uint32_t>(row[j])});
         }
-        if (envb("LC_PNOPRUNE", false)) {
-          uint32_t* nb = proj.nbrs(pivot);
-          uint32_t& d = proj.deg[pivot];
-          for (auto& c : cands) {
-            if (d >= proj.R) break;
-            if (std::find(nb, nb + d, c.id) == nb + d && c.id != pivot) nb[d++] = c.id;
-          }
-          if (envb("LC_PREV", true)) for (auto& c : cands) {
-            uint32_t* rb = proj.nbrs(c.id);
-            uint32_t& rd = proj.deg[c.id];
-            if (rd < proj.R && std::find(rb, rb + rd, pivot) == rb + rd && c.id != pivot) rb[rd++] = pivot;
-          }
+        if (proj_prune_) {
+          // RoarGraph's rule: occlusion-pruned (inner product, filled to the degree) + reverse edges
+          connect(proj, ks, pivot, cands, {false, true}, s);
         } else {
-          connect(proj, ks, pivot, cands, proj_rule(), s);
+          link_ranked(proj, pivot, cands, proj_reverse_);
         }
       }
       proj_[h].assign(proj);
@@ -590,9 +595,12 @@ class GraphIndex {
     const int64_t n = sets[0].n;
     if (n < n_keys()) throw std::invalid_argument("GraphIndex.add requires at least n_keys rows (use truncate to drop keys)");
     if (n >= static_cast<int64_t>(kNone)) throw std::invalid_argument("GraphIndex supports fewer than 2^32 - 1 keys");
-    if (n == n_keys()) return;
     py::gil_scoped_release release;
     ensure_scratch();
+    if (n == n_keys()) {
+      if (dirty_) repair_all(sets, num_threads);
+      return;
+    }
     const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
     const int num_kv = static_cast<int>(base_.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -602,7 +610,10 @@ class GraphIndex {
       const uint32_t start = base.n;
       base.resize(static_cast<uint32_t>(n));
       for (uint32_t x = start; x < base.n; ++x) insert_base(base, base_entries_[kv], sets[kv], x, build_ef_, base_rule(), s);
+      // re-pruning may have cut the last in-edge of some key: attach those again
+      repair_reachability(base, base_entries_[kv], sets[kv], build_ef_, s);
     }
+    dirty_ = false;
     for (int h = 0; h < num_graphs_; ++h) {
       proj_[h].extend(static_cast<uint32_t>(n));
       if (entries_[h].empty()) entries_[h] = base_entries_[h / group_size_];
@@ -639,6 +650,7 @@ class GraphIndex {
     {
       py::gil_scoped_release release;
       ensure_scratch();
+      if (dirty_) repair_all(sets, num_threads);
       const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
       const int64_t total = static_cast<int64_t>(num_graphs_) * S;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -688,6 +700,8 @@ class GraphIndex {
     };
     for (auto& e : base_entries_) filter(e);
     for (auto& e : entries_) filter(e);
+    // dropping keys may strand others; reattached at the next search or add (which bring the keys)
+    dirty_ = true;
   }
 
   int64_t n_keys() const { return base_.empty() ? 0 : base_[0].n; }
@@ -778,10 +792,12 @@ class GraphIndex {
   int degree() const { return degree_; }
   int base_degree() const { return base_degree_; }
   int build_ef() const { return build_ef_; }
+  bool proj_prune() const { return proj_prune_; }
+  bool proj_reverse() const { return proj_reverse_; }
 
  private:
-  static PruneRule base_rule() { return {envb("LC_BL2", true), envb("LC_BFILL", true)}; }
-  static PruneRule proj_rule() { return {envb("LC_PL2", false), envb("LC_PFILL", true)}; }
+  // key-key edges: L2 occlusion (keys are in distribution with each other), filled to the degree
+  static PruneRule base_rule() { return {true, true}; }
 
   void check_graph(int h) const {
     if (h < 0 || h >= num_graphs_) throw std::out_of_range("GraphIndex: graph index out of range");
@@ -829,18 +845,30 @@ class GraphIndex {
     }
   }
 
+  void repair_all(const std::vector<KeySet>& sets, int num_threads) {
+    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+    const int num_kv = static_cast<int>(base_.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int kv = 0; kv < num_kv; ++kv) {
+      repair_reachability(base_[kv], base_entries_[kv], sets[kv], build_ef_, scratch_[omp_get_thread_num()]);
+    }
+    dirty_ = false;
+  }
+
   void ensure_scratch() {
     const size_t want = static_cast<size_t>(std::max(omp_get_max_threads(), omp_get_num_procs()));
     if (scratch_.size() < want) scratch_.resize(want);
   }
 
   int num_graphs_, group_size_, dim_, degree_, base_degree_, build_ef_;
+  bool proj_prune_, proj_reverse_;
   std::vector<Adjacency> base_;                    // [Hkv] key-key layer
   std::vector<std::vector<uint32_t>> base_entries_;  // [Hkv]
   std::vector<Csr> proj_;                          // [H] projection edges
   std::vector<std::vector<uint32_t>> entries_;     // [H]
   std::vector<Scratch> scratch_;
   int64_t last_attached_ = 0;
+  bool dirty_ = false;  // keys were dropped since the last reachability repair
 };
 
 }  // namespace
@@ -854,8 +882,8 @@ One graph per query head (H = num_graphs); query head h searches key set h // gr
 Keys are passed to every call as a float32 array [Hkv, N, D] (rows contiguous, any head/row
 stride) and are never copied.
 )doc")
-      .def(py::init<int, int, int, int, int, int>(), "num_graphs"_a, "group_size"_a, "dim"_a, "degree"_a = 32,
-           "base_degree"_a = 32, "build_ef"_a = 64)
+      .def(py::init<int, int, int, int, int, int, bool, bool>(), "num_graphs"_a, "group_size"_a, "dim"_a,
+           "degree"_a = 128, "base_degree"_a = 16, "build_ef"_a = 64, "proj_prune"_a = false, "proj_reverse"_a = false)
       .def("build", &GraphIndex::build, "keys"_a, "knn"_a, "num_entry"_a = 4, "num_threads"_a = 0,
            "Build every graph from keys [Hkv, N, D] and the training queries' exact kNN lists knn [H, Nq, Kq] int32.")
       .def("add", &GraphIndex::add, "keys"_a, "num_threads"_a = 0,
@@ -875,7 +903,9 @@ stride) and are never copied.
       .def_property_readonly("dim", &GraphIndex::dim)
       .def_property_readonly("degree", &GraphIndex::degree)
       .def_property_readonly("base_degree", &GraphIndex::base_degree)
-      .def_property_readonly("build_ef", &GraphIndex::build_ef);
+      .def_property_readonly("build_ef", &GraphIndex::build_ef)
+      .def_property_readonly("proj_prune", &GraphIndex::proj_prune)
+      .def_property_readonly("proj_reverse", &GraphIndex::proj_reverse);
 }
 
 }  // namespace longctx

@@ -11,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
   longctx::register_sparse_attention(m);
   longctx::register_index(m);
   longctx::register_hip(m);
+  longctx::register_shadowkv(m);
 }

@@ -398,22 +398,26 @@ std::string shape_str(const py::array& a) {
 
 py::tuple sparse_attention_forward(const FArray& q, const StridedFArray& k, const StridedFArray& v,
                                    const std::optional<IArray>& indices, double scale, int num_threads) {
-  if (q.ndim() != 4) throw py::value_error("sparse_attention: q requires 4 dims [B, H, S, D] (got shape " + shape_str(q) + ")");
-  if (k.ndim() != 4) throw py::value_error("sparse_attention: k requires 4 dims [B, Hkv, T, D] (got shape " + shape_str(k) + ")");
+  if (q.ndim() != 4)
+    throw py::value_error("sparse_attention: q requires 4 dims [B, H, S, D] (got shape " + shape_str(q) + ")");
+  if (k.ndim() != 4)
+    throw py::value_error("sparse_attention: k requires 4 dims [B, Hkv, T, D] (got shape " + shape_str(k) + ")");
   const int64_t B = q.shape(0), H = q.shape(1), S = q.shape(2), D = q.shape(3);
   const int64_t Hkv = k.shape(1), T = k.shape(2);
   if (v.ndim() != 4 || v.shape(0) != k.shape(0) || v.shape(1) != Hkv || v.shape(2) != T || v.shape(3) != k.shape(3))
-    throw py::value_error("sparse_attention: k and v require the same shape (got " + shape_str(k) + " and " + shape_str(v) + ")");
+    throw py::value_error("sparse_attention: k and v require the same shape (got " + shape_str(k) + " and " +
+                          shape_str(v) + ")");
   if (k.shape(0) != B || k.shape(3) != D)
-    throw py::value_error("sparse_attention: k requires shape [B=" + std::to_string(B) + ", Hkv, T, D=" + std::to_string(D) +
-                          "] to match q (got " + shape_str(k) + ")");
+    throw py::value_error("sparse_attention: k requires shape [B=" + std::to_string(B) + ", Hkv, T, D=" +
+                          std::to_string(D) + "] to match q (got " + shape_str(k) + ")");
   if (Hkv <= 0 || H % Hkv != 0)
     throw py::value_error("sparse_attention: q heads (" + std::to_string(H) + ") must be a multiple of k heads (got " +
                           std::to_string(Hkv) + ")");
-  if (D > 0 && (k.strides(3) != sizeof(float) || v.strides(3) != sizeof(float)))
+  // (empty arrays carry arbitrary strides and are never read)
+  if (k.size() > 1 && (k.strides(3) != sizeof(float) || v.strides(3) != sizeof(float)))
     throw py::value_error("sparse_attention: k and v require a contiguous last dim (got element strides " +
                           std::to_string(k.strides(3) / 4) + " and " + std::to_string(v.strides(3) / 4) + ")");
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < 3 && k.size() > 1; ++i)
     if (k.strides(i) % sizeof(float) || v.strides(i) % sizeof(float))
       throw py::value_error("sparse_attention: k and v require float-aligned strides");
   const int64_t G = H / Hkv;
@@ -436,7 +440,8 @@ py::tuple sparse_attention_forward(const FArray& q, const StridedFArray& k, cons
       for (int64_t i = 0; i < K; ++i) {
         const int64_t key = ip[bh * K + i];
         if (key >= T)
-          throw py::value_error("sparse_attention: indices must be < T=" + std::to_string(T) + " (got " + std::to_string(key) + ")");
+          throw py::value_error("sparse_attention: indices must be < T=" + std::to_string(T) + " (got " +
+                                std::to_string(key) + ")");
         if (key >= 0) sel[bh * K + n++] = key;
       }
       n_sel[bh] = n;
@@ -464,7 +469,8 @@ py::tuple sparse_attention_forward(const FArray& q, const StridedFArray& k, cons
   const int64_t base_items = B * Hkv * tiles;
   int64_t splits = 1;
   if (base_items > 0 && base_items < 2 * threads)  // too few items to keep every thread busy: split the keys
-    splits = std::max<int64_t>(1, std::min<int64_t>((2 * threads + base_items - 1) / base_items, max_keys / kMinKeysPerSplit));
+    splits = std::max<int64_t>(
+        1, std::min<int64_t>((2 * threads + base_items - 1) / base_items, max_keys / kMinKeysPerSplit));
   const int64_t n_items = base_items * splits;
   // per-split partial states (only when splitting): m, l, acc per row
   std::vector<float> part_m, part_l, part_acc;
@@ -514,7 +520,8 @@ py::tuple sparse_attention_forward(const FArray& q, const StridedFArray& k, cons
         const int64_t* keys = indices ? sel.data() + bh * K : nullptr;
         attend_tile(st, nr, D, kp + b * ks[0] + hkv * ks[1], ks[2], vp + b * vs[0] + hkv * vs[1], vs[2], keys, lo, hi);
         if (splits == 1) {
-          for (int64_t r = 0; r < nr; ++r) finalize_row(row_offset(b, hkv, r0 + r), st.m[r], st.l[r], st.acc.data() + r * D);
+          for (int64_t r = 0; r < nr; ++r)
+            finalize_row(row_offset(b, hkv, r0 + r), st.m[r], st.l[r], st.acc.data() + r * D);
         } else {
           std::copy(st.m.begin(), st.m.begin() + nr, part_m.begin() + item * kRowTile);
           std::copy(st.l.begin(), st.l.begin() + nr, part_l.begin() + item * kRowTile);

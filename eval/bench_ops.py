@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from longctx.ops import cpp_available, sparse_attention_ref
+from longctx.ops import cpp_available, cpp_isa, sparse_attention_ref
 
 
 def dense_grouped_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         args.sdpa,
     )
     print(f"sparse_attention, median ms over {args.repeats} runs, {args.threads} threads, fp32, "
-          f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim} B=1")
+          f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim} B=1, C++ kernel: {cpp_isa() or 'not built'}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -62,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return harness(args)
     print("longctx demo: greedy generation on a tiny random Llama (256-token prompt), every backend at its defaults")
     print("(backends whose budget covers the whole prompt fall back to dense and must agree exactly)")
-    rows = patching_demo(max_new_tokens=args.max_new_tokens)
+    rows = patching_demo(max_new_tokens=args.max_new_tokens or 16)
     print(format_patching_rows(rows))
     dense = next(r for r in rows if r["backend"] == "dense")
     if dense["agree"] != dense["of"]:
@@ -86,6 +86,7 @@ def add_demo_subparser(sub) -> None:
     p.add_argument("--lengths", default="4096,16384", help="RULER context lengths")
     p.add_argument("--samples", type=int, default=10, help="samples per task and length")
     p.add_argument("--output", default="runs/demo", help="results folder")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens generated per sample (default: 48 for RULER — a uuid answer fits —, 16 for the patching check)")
     p.add_argument("--patching-only", action="store_true", help="only the tiny random-model patching check")
     p.set_defaults(func=run_demo)

@@ -10,6 +10,7 @@ from longctx.backends import BackendLayer, LayerContext, get_backend, list_backe
 from longctx.cache import LongCtxCache
 from longctx.config import BackendConfig, DenseConfig
 from longctx.config import HiPConfig
+from longctx.config import RetrievalConfig
 from longctx.config import ShadowKVConfig
 from longctx.config import StreamingConfig, TriForceRetrievalConfig
 from longctx.models import SUPPORTED_MODEL_TYPES, RotaryHelper
@@ -30,6 +31,7 @@ __all__ = [
     "BackendConfig",
     "DenseConfig",
     "HiPConfig",
+    "RetrievalConfig",
     "ShadowKVConfig",
     "StreamingConfig",
     "TriForceRetrievalConfig",

@@ -200,7 +200,90 @@ class ShadowKVConfig(BackendConfig):
 
 
 # ------------------------------------------------------------------------- retrieval
-# (RetrievalConfig goes here)
+RETRIEVAL_INDEX_TYPES = ("attention_aware", "flat", "ivf", "hnsw")  # == longctx.index.INDEX_TYPES
+
+
+@dataclasses.dataclass
+class RetrievalConfig(BackendConfig):
+    """RetrievalAttention: static sink + window on the device, ANNS over the offloaded rest (arXiv 2409.10516).
+
+    Parameters
+    ----------
+    n_sink : int
+        First prompt tokens kept exact on the device (default 128, the paper's).
+    window : int
+        Most recent tokens kept exact on the device (default 512, the paper's). Tokens leave
+        the window for the host tier and the index in blocks of ``insert_block``.
+    top_k : int
+        Offloaded keys retrieved per query head and decode query (default 100; the paper
+        uses 2000 for KV-retrieval tasks and its budget study).
+    index : {"attention_aware", "flat", "ivf", "hnsw"}
+        Index over the offloaded keys (default ``"attention_aware"``, the paper's; the faiss
+        baselines make its comparison reproducible).
+    ef_search : int
+        Search width: beam width of the attention-aware graph, ``efSearch`` of HNSW (raised
+        to ``top_k`` when smaller; default 128).
+    degree : int
+        Attention-aware: projection edges per key and query head (default 128).
+    base_degree : int
+        Attention-aware: key-key edges per key, shared by a GQA group (default 16).
+    build_knn : int
+        Attention-aware: exact neighbours per training query (RoarGraph's Nq, default 100).
+    build_ef : int
+        Attention-aware: beam width of the key->key searches that link keys at build time and
+        insert keys leaving the window (default 64).
+    max_train_queries : int
+        Attention-aware: prefill queries per head used for the exact kNN, evenly subsampled
+        beyond this (default 4096; the kNN costs ``Nq * T * D`` per head).
+    nprobe : int
+        IVF: inverted lists probed per query (default 32).
+    nlist : int, optional
+        IVF: inverted lists; if not provided, ``4 * sqrt(T)``.
+    hnsw_m : int
+        HNSW: links per node (default 32).
+    insert_block : int
+        Tokens moved from the window to the index at once (default 64; the window holds
+        between ``window`` and ``window + insert_block - 1`` tokens before a step's new ones).
+    num_threads : int
+        OpenMP threads of the index; 0 uses every core (default 0).
+    """
+
+    n_sink: int = 128
+    window: int = 512
+    top_k: int = 100
+    index: str = "attention_aware"
+    ef_search: int = 128
+    degree: int = 128
+    base_degree: int = 16
+    build_knn: int = 100
+    build_ef: int = 64
+    max_train_queries: int = 4096
+    nprobe: int = 32
+    nlist: Optional[int] = None
+    hnsw_m: int = 32
+    insert_block: int = 64
+    num_threads: int = 0
+
+    def __post_init__(self):
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        name = "RetrievalConfig"
+        _require(is_int(self.top_k) and self.top_k > 0, name, "top_k", "a positive int", self.top_k)
+        _require(is_int(self.n_sink) and self.n_sink >= 0, name, "n_sink", "an int >= 0", self.n_sink)
+        _require(is_int(self.window) and self.window >= 0, name, "window", "an int >= 0", self.window)
+        _require(self.index in RETRIEVAL_INDEX_TYPES, name, "index", f"one of {list(RETRIEVAL_INDEX_TYPES)}", self.index)
+        for field in ("ef_search", "degree", "build_knn", "build_ef", "max_train_queries", "nprobe", "hnsw_m", "insert_block"):
+            value = getattr(self, field)
+            _require(is_int(value) and value > 0, name, field, "a positive int", value)
+        _require(is_int(self.base_degree) and self.base_degree >= 2, name, "base_degree", "an int >= 2", self.base_degree)
+        _require(self.nlist is None or (is_int(self.nlist) and self.nlist > 0), name, "nlist", "None or a positive int", self.nlist)
+        _require(is_int(self.num_threads) and self.num_threads >= 0, name, "num_threads", "an int >= 0", self.num_threads)
+
+    @property
+    def static_size(self) -> int:
+        """Tokens of the static set (sink + window)."""
+        return self.n_sink + self.window
 
 # ------------------------------------------------------------------------- hip
 def _is_int(value: Any) -> bool:
@@ -354,11 +437,16 @@ class TriForceRetrievalConfig(BackendConfig):
         Re-select the chunks every this many decode calls, scored by the last query of the
         call (default 0: built once from the last prompt query, as the official code runs).
         A positive value keeps the whole prompt K/V on the host tier to select from.
+    local_window : int
+        Last prompt tokens always kept, rounded up to whole chunks and counted in the budget
+        (default 0, the official rule; a window helps models whose last query does not
+        score the local context highest).
     """
 
     chunk_size: int = 8
     budget: int = 4096
     retrieval_interval: int = 0
+    local_window: int = 0
 
     def __post_init__(self):
         name = "TriForceRetrievalConfig"
@@ -379,6 +467,13 @@ class TriForceRetrievalConfig(BackendConfig):
             "retrieval_interval",
             "a non-negative int",
             self.retrieval_interval,
+        )
+        _require(
+            _is_int(self.local_window) and 0 <= self.local_window < self.budget,
+            name,
+            "local_window",
+            f"an int in [0, budget={self.budget})",
+            self.local_window,
         )
 
     @property

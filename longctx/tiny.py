@@ -772,6 +772,8 @@ def _parse(argv):
     p.add_argument("--eval-tasks", default=",".join(DONE_WHEN_TASKS), help="comma-separated RULER NIAH tasks")
     p.add_argument("--agreement-lengths", default="4096", help="lengths at which draft agreement is measured")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
+    p.add_argument("--phase1-only", action="store_true",
+                   help="stop after phase 1 (this reproduces the checkpoint shipped in longctx/models_data)")
     p.add_argument("--init-from", default=None,
                    help="skip phase 1 by loading its checkpoint (tiny-target/, tiny-draft/) from this folder")
     return p.parse_args(argv)
@@ -821,9 +823,10 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             train({"target": target, "draft": draft}, tok, phase1, seed=args.seed, lr=args.lr,
                   autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint,
                   stop_after_stage=PHASE1_STOP_AFTER)
-        logger.info("phase 2 curriculum %s", [dataclasses.asdict(s) for s in phase2])
-        train({"target": target, "draft": draft}, tok, phase2, seed=args.seed + 1, lr=args.lr * 2 / 3, warmup=20,
-              autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint)
+        if not args.phase1_only:
+            logger.info("phase 2 curriculum %s", [dataclasses.asdict(s) for s in phase2])
+            train({"target": target, "draft": draft}, tok, phase2, seed=args.seed + 1, lr=args.lr * 2 / 3,
+                  warmup=20, autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint)
         logger.info("training took %.1f min", (time.time() - t0) / 60)
         save_model(target, tok, out / "tiny-target")
         save_model(draft, tok, out / "tiny-draft")

@@ -89,7 +89,8 @@ def merge_states_triton(
         )
     if out_a.device.type != "cuda" and not _interpreting():
         raise RuntimeError(
-            f"merge_states_triton requires CUDA tensors, or TRITON_INTERPRET=1 set before import (got device {out_a.device})"
+            f"merge_states_triton requires CUDA tensors, or TRITON_INTERPRET=1 set before import "
+            f"(got device {out_a.device})"
         )
     D = out_a.shape[-1]
     out_a_2d = out_a.reshape(-1, D).contiguous()  # [R, D]

@@ -235,8 +235,8 @@ def sparse_attention_triton(
         Hkv, S, n_keys, keys_per_split,
         G=G, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HAS_INDICES=indices is not None,
-        # fp32 inputs: exact fp32 products (TF32 would cost ~1e-3 relative error); 16-bit inputs use tensor cores
-        DOT_PRECISION="ieee",
+        # fp32 inputs: exact fp32 products (TF32 would cost ~1e-3 relative error); 16-bit inputs: the default
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         # the interpreter multiplies 16-bit floats as their raw bits (Triton 3.9): upcast there
         DOT_FP32=_interpreting() and q.dtype != torch.float32,
         num_warps=4, num_stages=2,

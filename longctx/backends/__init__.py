@@ -13,7 +13,7 @@ from longctx.backends.base import BackendLayer, BackendSpec, LayerContext
 from longctx.config import BackendConfig
 
 _REGISTRY: dict[str, BackendSpec] = {}
-_BUILTIN_MODULES = ["dense", "shadowkv", "hip", "streaming", "chunk_retrieval"]  # helpers: append your module name here
+_BUILTIN_MODULES = ["dense", "shadowkv", "hip", "streaming", "chunk_retrieval", "retrieval"]  # helpers: append your module name here
 
 
 def register_backend(name: str, config_cls: type, description: str = ""):

@@ -64,8 +64,10 @@ def chunk_means(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return k[:, :, : n * chunk_size].float().reshape(B, Hkv, n, chunk_size, D).mean(3)
 
 
-def select_chunks(q: torch.Tensor, landmarks: torch.Tensor, num_chunks: int, scale: float) -> torch.Tensor:
-    """Chunks kept per KV head: chunk 0 plus the best-scoring others, sorted.
+def select_chunks(
+    q: torch.Tensor, landmarks: torch.Tensor, num_chunks: int, scale: float, recent_chunks: int = 0
+) -> torch.Tensor:
+    """Chunks kept per KV head: chunk 0, the last ``recent_chunks``, and the best-scoring others, sorted.
 
     Parameters
     ----------
@@ -74,9 +76,11 @@ def select_chunks(q: torch.Tensor, landmarks: torch.Tensor, num_chunks: int, sca
     landmarks : torch.Tensor
         ``[B, Hkv, N, D]`` chunk-mean keys.
     num_chunks : int
-        K chunks to keep (``1 <= K <= N``).
+        K chunks to keep (``1 + recent_chunks <= K <= N``).
     scale : float
         Softmax scale.
+    recent_chunks : int
+        Last chunks always kept (a local window; 0 in the official code).
 
     Returns
     -------
@@ -89,6 +93,8 @@ def select_chunks(q: torch.Tensor, landmarks: torch.Tensor, num_chunks: int, sca
     scores = torch.matmul(qg, landmarks.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
     score = scores.softmax(-1).amax(2)  # [B, Hkv, N]: max over the group
     score[..., 0] = float("inf")  # the attention sink chunk is always kept
+    if recent_chunks:
+        score[..., N - recent_chunks :] = float("inf")  # and the local window
     return score.topk(num_chunks, dim=-1).indices.sort(-1).values
 
 
@@ -126,7 +132,8 @@ class TriForceRetrievalLayer(BackendLayer):
         C = self.config.chunk_size
         T = k.shape[2]
         n = T // C
-        self.chunks = select_chunks(q_last, self.landmarks, self.config.num_chunks, self.ctx.scale)
+        recent = min(-(-self.config.local_window // C), self.config.num_chunks - 1)
+        self.chunks = select_chunks(q_last, self.landmarks, self.config.num_chunks, self.ctx.scale, recent)
         chunks = self.chunks.to(k.device)
         ks = [gather_chunks(k, chunks, C), k[:, :, n * C :]]  # + the remainder (the most recent prompt tokens)
         vs = [gather_chunks(v, chunks, C), v[:, :, n * C :]]

@@ -67,7 +67,9 @@ class HiPLayer(BackendLayer):
                 f"(got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
             )
         B, H, S, D = q.shape
-        expected = (B, ctx.num_kv_heads, S, ctx.head_dim)
+        # at prefill the queries may be the last S of the prompt's T keys (bench, chunked use)
+        T = k.shape[2] if self.kv is None and k.shape[2] >= S else S
+        expected = (B, ctx.num_kv_heads, T, ctx.head_dim)
         if H != ctx.num_heads or D != ctx.head_dim or tuple(k.shape) != expected:
             raise ValueError(
                 f"HiP requires q [B, {ctx.num_heads}, S, {ctx.head_dim}] and k, v {list(expected)} "
@@ -83,7 +85,8 @@ class HiPLayer(BackendLayer):
         self._mask = (blocks[:, :, -1:].clone(), local_start[-1:].clone())
         self._since_refresh = 0
 
-    def _sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, refresh: bool) -> torch.Tensor:
+    def _sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, refresh: bool,
+                decoding: bool) -> torch.Tensor:
         """HiP attention of ``q`` (``[B, H, S, D]`` at positions ``q_offset...``) over ``k, v`` ``[B, Hkv, T, D]``."""
         cfg = self.config
         B, H, S, _ = q.shape
@@ -108,7 +111,7 @@ class HiPLayer(BackendLayer):
         attended = int(attended_counts(blocks, local_start, q_offset, S, T, cfg).sum())
         self._stats["keys_attended"] += attended
         self._stats["keys_attended_per_query"] = attended / (B * M * S)
-        if q_offset > 0:
+        if decoding:
             self._stats["keys_per_step"] = (scored + attended) / (B * M * S)
             if k.device != q.device:  # offload: only the scored rows and the attended K/V rows move
                 sink_keys = min(cfg.sink_blocks * cfg.block_size_k, T)
@@ -127,10 +130,10 @@ class HiPLayer(BackendLayer):
         self.prompt_len = k.shape[2]
         self._stats["prefill_tokens"] += q.shape[0] * q.shape[2]
         if self.dense:
-            out = grouped_attention(q, k, v, self.ctx.scale, 0, self.ctx.sliding_window)
+            out = grouped_attention(q, k, v, self.ctx.scale, k.shape[2] - q.shape[2], self.ctx.sliding_window)
             self.attended = None
         else:
-            out = self._sparse(q, k, v, 0, refresh=True)  # attend with the device copy
+            out = self._sparse(q, k, v, k.shape[2] - q.shape[2], refresh=True, decoding=False)  # device copy
         self.kv = GrowingKV(k, v, self.ctx.host_device if self.config.offload else k.device)
         return out
 
@@ -151,7 +154,7 @@ class HiPLayer(BackendLayer):
             or self._since_refresh >= self.config.refresh_interval
             or S > self.config.block_size_q  # several query blocks: estimate each
         )
-        out = self._sparse(q, self.kv.keys(), self.kv.values(), T - S, refresh)
+        out = self._sparse(q, self.kv.keys(), self.kv.values(), T - S, refresh, decoding=True)
         self._since_refresh += 1
         return out
 

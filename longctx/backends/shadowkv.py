@@ -465,20 +465,34 @@ class ShadowKVLayer(BackendLayer):
         self.v_buf[:, :, end : end + S] = v
         self.n_gen += S
 
-    def _use_triton(self, device: torch.device) -> bool:
+    def _impl(self, device: torch.device) -> str:
+        """``"triton"`` (CUDA), ``"cpp"`` (CPU, fp32, ``longctx._C``) or ``"torch"``; ``LONGCTX_OPS`` can force one.
+
+        The fused paths need the rotary's ``cos_sin`` tables; without them the torch path
+        applies ``rotary.apply`` per token.
+        """
         from longctx.ops import pick_impl
 
-        return pick_impl(device) == "triton" and hasattr(self.rotary, "cos_sin")
+        choice = pick_impl(device)
+        if not hasattr(self.rotary, "cos_sin"):
+            return "torch"
+        if choice == "triton":
+            return "triton"
+        if choice == "cpp" and device.type == "cpu" and self.v_host.device.type == "cpu" and self.u.dtype == torch.float32:
+            return "cpp"
+        return "torch"
 
     def _select(self, q: torch.Tensor) -> None:
         """Pick the top chunks per KV head and make the selected region hold them."""
         B, Hkv, N = self.landmarks.shape[:3]
         K = self.n_select
-        use_triton = self._use_triton(q.device)
-        if use_triton:
+        impl = self._impl(q.device)
+        if impl == "triton":
             from longctx.triton_kernels.shadowkv_select import landmark_scores_triton
 
             scores = landmark_scores_triton(q, self.landmarks, self.landmark_bias, self.ctx.scale)
+        elif impl == "cpp":
+            scores = self._scores_cpp(q)
         else:
             scores = landmark_scores(q, self.landmarks, self.landmark_bias, self.ctx.scale)
         ids = scores.topk(K, dim=-1, sorted=False).indices  # [B, Hkv, K]
@@ -495,9 +509,9 @@ class ShadowKVLayer(BackendLayer):
         free_slots = torch.sort(held[..., :K].to(torch.uint8), dim=-1, stable=True).indices  # free first
         order = torch.sort(hit.to(torch.uint8), dim=-1, stable=True).indices  # misses first
         n_miss = K - hit.sum(-1)  # [B, Hkv]
-        # The Triton kernels skip entries past n_miss on the device (no host sync); the torch
-        # path trims to the largest miss count, and rewrites hits past a row's count in place.
-        M = K if use_triton else int(n_miss.max())
+        # The kernels skip entries past n_miss (the Triton ones on the device, with no host sync);
+        # the torch path trims to the largest miss count and rewrites hits past a row's count in place.
+        M = K if impl == "triton" else int(n_miss.max())
         if M:
             order = order[..., :M]
             ent_gid = gid.gather(2, order)
@@ -509,8 +523,10 @@ class ShadowKVLayer(BackendLayer):
             self.slot_of[ent_gid] = target
             self.slot_ids.scatter_(2, target, ent_gid)
             chunks = ent_gid - base
-            if use_triton:
+            if impl == "triton":
                 self._fill_triton(chunks, target, n_miss)
+            elif impl == "cpp":
+                self._fill_cpp(chunks, target, n_miss)
             else:
                 self._fill_torch(chunks, target)
         # counters stay on the device (no sync); the first selection has nothing to hit
@@ -569,6 +585,45 @@ class ShadowKVLayer(BackendLayer):
         hi = torch.arange(Hkv, device=dev).view(1, Hkv, 1).expand(B, Hkv, M)
         sel_k[bi, hi, target] = keys.to(sel_k.dtype)
         sel_v[bi, hi, target] = vals
+
+    def _scores_cpp(self, q: torch.Tensor) -> torch.Tensor:
+        """:func:`landmark_scores` by ``longctx._C.shadowkv_scores`` (landmarks streamed once)."""
+        from longctx import _C
+
+        B, H, S, D = q.shape
+        Hkv, N = self.landmarks.shape[1], self.landmarks.shape[2]
+        rows = B * Hkv
+        qg = q.reshape(rows, (H // Hkv) * S, D).float().contiguous()
+        lm_t = self.landmarks.transpose(-1, -2).reshape(rows, D, N)  # contiguous as stored
+        bias = None if self.landmark_bias is None else self.landmark_bias.view(rows, N).numpy()
+        out = _C.shadowkv_scores(qg.numpy(), lm_t.numpy(), bias, float(self.ctx.scale), torch.get_num_threads())
+        return torch.from_numpy(out).view(B, Hkv, N)
+
+    def _fill_cpp(self, chunks: torch.Tensor, target: torch.Tensor, counts: torch.Tensor) -> None:
+        """:meth:`_fill_torch` by ``longctx._C.shadowkv_rebuild``: gather + GEMM + RoPE + value copy, one pass."""
+        from longctx import _C
+
+        B, Hkv, M = chunks.shape
+        rows = B * Hkv
+        C, r, D = self.config.chunk_size, self.rank, self.ctx.head_dim
+        Tc = self.u.shape[1]
+        base = (torch.arange(B) * Tc).view(B, 1, 1)
+        sv = self._offset_rotated_sv()
+        if sv is not None:  # cos/sin at the chunk starts only (offset rotation folded into SV)
+            starts = self.pos_ctx.view(-1).index_select(0, (chunks * C + base).view(-1)).view(rows, M)
+            cos, sin = (t.reshape(rows, M, 1, -1) for t in self.rotary.cos_sin(starts, self.k_buf))
+        else:
+            tok = (chunks.unsqueeze(-1) * C + torch.arange(C)).view(B, Hkv * M * C)
+            pos = self.pos_ctx.gather(1, tok).view(rows, M * C)
+            cos, sin = (t.reshape(rows, M, C, -1) for t in self.rotary.cos_sin(pos, self.k_buf))
+            sv = self.sv.view(rows, r, D)
+        sel_k, sel_v = self._selected_views()
+        _C.shadowkv_rebuild(
+            self.u.view(B * Tc, r).numpy(), sv.numpy(), chunks.reshape(rows, M).numpy(), target.reshape(rows, M).numpy(),
+            counts.reshape(rows).numpy(), cos.float().contiguous().numpy(), sin.float().contiguous().numpy(),
+            sel_k.view(rows, self.n_select, C, D).numpy(), self.v_host.view(rows, self.n_chunks, C, D).numpy(),
+            sel_v.view(rows, self.n_select, C, D).numpy(), Hkv, torch.get_num_threads(),
+        )
 
     def _offset_rotated_sv(self) -> Optional[torch.Tensor]:
         """``[B*Hkv*C, r, D]``: SV with each key row rotated by RoPE's offset ``c`` in its chunk, cached.

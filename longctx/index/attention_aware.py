@@ -69,8 +69,8 @@ class AttentionAwareIndex(KeyIndex):
     num_heads, num_kv_heads, head_dim : int
         H, Hkv, D.
     params : IndexParams, optional
-        Reads ``degree``, ``build_knn``, ``build_ef``, ``max_train_queries``, ``num_entry``,
-        ``ef_search``, ``num_threads``.
+        Reads ``degree``, ``base_degree``, ``proj_prune``, ``proj_reverse``, ``build_knn``,
+        ``build_ef``, ``max_train_queries``, ``num_entry``, ``ef_search``, ``num_threads``.
 
     Examples
     --------
@@ -89,8 +89,9 @@ class AttentionAwareIndex(KeyIndex):
         super().__init__(num_heads, num_kv_heads, head_dim, params)
         from longctx import _C
 
+        p = self.params
         self._graph = _C.GraphIndex(
-            num_heads, self.group_size, head_dim, self.params.degree, self.params.base_degree, self.params.build_ef
+            num_heads, self.group_size, head_dim, p.degree, p.base_degree, p.build_ef, p.proj_prune, p.proj_reverse
         )
         self.knn_seconds = 0.0
         self.graph_seconds = 0.0

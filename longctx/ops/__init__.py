@@ -100,20 +100,26 @@ def _check_attention_inputs(q, k, v, indices, scale=None) -> None:
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"sparse_attention: {name} requires dtype in {_FLOAT_DTYPES} (got {t.dtype})")
         if t.dim() != 4:
-            raise ValueError(f"sparse_attention: {name} requires 4 dims [B, heads, len, D] (got shape {tuple(t.shape)})")
+            raise ValueError(
+                f"sparse_attention: {name} requires 4 dims [B, heads, len, D] (got shape {tuple(t.shape)})"
+            )
         if t.dtype != q.dtype:
             raise TypeError(f"sparse_attention: {name} requires the dtype of q ({q.dtype}) (got {t.dtype})")
         if t.device != q.device:
             raise ValueError(f"sparse_attention: {name} requires the device of q ({q.device}) (got {t.device})")
     B, H, S, D = q.shape
     if D < 1 or k.shape[1] < 1:
-        raise ValueError(f"sparse_attention: q and k require D >= 1 and Hkv >= 1 (got shapes {tuple(q.shape)}, {tuple(k.shape)})")
+        raise ValueError(
+            f"sparse_attention: q and k require D >= 1 and Hkv >= 1 (got shapes {tuple(q.shape)}, {tuple(k.shape)})"
+        )
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0
     ):
         raise ValueError(f"sparse_attention: scale requires a finite float > 0 or None (got {scale!r})")
     if k.shape != v.shape:
-        raise ValueError(f"sparse_attention: k and v require the same shape (got {tuple(k.shape)} and {tuple(v.shape)})")
+        raise ValueError(
+            f"sparse_attention: k and v require the same shape (got {tuple(k.shape)} and {tuple(v.shape)})"
+        )
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(
             f"sparse_attention: k requires shape [B={B}, Hkv, T, D={D}] to match q (got {tuple(k.shape)})"
@@ -222,10 +228,13 @@ def merge_states(
     if out_a.dim() < 1:
         raise ValueError(f"merge_states: out_a requires shape [..., D] (got {tuple(out_a.shape)})")
     if out_a.shape != out_b.shape:
-        raise ValueError(f"merge_states: out_a and out_b require the same shape (got {tuple(out_a.shape)} and {tuple(out_b.shape)})")
+        raise ValueError(
+            f"merge_states: out_a and out_b require the same shape (got {tuple(out_a.shape)} and {tuple(out_b.shape)})"
+        )
     if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
         raise ValueError(
-            f"merge_states: lse tensors require shape {tuple(out_a.shape[:-1])} (got {tuple(lse_a.shape)} and {tuple(lse_b.shape)})"
+            f"merge_states: lse tensors require shape {tuple(out_a.shape[:-1])} "
+            f"(got {tuple(lse_a.shape)} and {tuple(lse_b.shape)})"
         )
     choice = pick_impl(out_a.device, impl)
     if choice == "triton":

@@ -538,6 +538,8 @@ def triforce_generate(
                         max_new_tokens + 2 * gamma + 2)
         ids = engine.run(seq, max_new_tokens, eos)
     out = _finish(ids, input_ids.shape[1], eos, pad_token_id)
+    engine.stats.new_tokens = out.shape[1] - input_ids.shape[1]  # tokens after an EOS are not delivered
+    engine.stats.committed = engine.stats.new_tokens - 1
     logger.info("triforce: %d tokens, %.2f ms/token, acceptance middle %.3f top %.3f, %.2f tokens/verification",
                 engine.stats.new_tokens, engine.stats.ms_per_token, engine.stats.acceptance_middle,
                 engine.stats.acceptance_top, engine.stats.mean_accepted_length)

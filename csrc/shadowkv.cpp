@@ -1,0 +1,396 @@
+// ShadowKV CPU kernels: the hot steps of a decode step, fused so that each byte is touched once.
+//
+//   shadowkv_scores   landmark scoring. For every row (= batch b, KV head hkv) the GS query rows of
+//                     the group score the N chunk landmarks (logit = scale * q . L + bias), each row
+//                     is softmax-normalised over the chunks, and a chunk's score is the max over the
+//                     rows. The landmarks ([rows, D, N], N contiguous) are streamed once, in blocks of
+//                     kScoreBlock chunks whose [GS, block] logit tile stays in L1.
+//   shadowkv_rebuild  for every selected chunk that missed the device cache (entries j < counts[row]):
+//                     gather its C rows of U, multiply by the KV head's SV (one SV per in-chunk offset
+//                     when the offset rotation is folded into SV), apply RoPE (x cos + rotate_half(x)
+//                     sin on the first R dims), write the C keys into the chunk's slot, and copy the
+//                     chunk's values from the host tier into the same slot. No temporaries.
+//
+// Same semantics as longctx.backends.shadowkv.landmark_scores and ShadowKVLayer._fill_torch.
+// fp32 numpy arrays that are zero-copy views of CPU torch tensors; the outputs of shadowkv_rebuild
+// are strided views of the device buffer, written in place. OpenMP over (row, block / chunk tile).
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bindings.h"
+
+namespace py = pybind11;
+
+namespace longctx {
+namespace {
+
+constexpr int64_t kScoreBlock = 512;  // landmarks per work item: a [GS, 512] fp32 logit tile stays in L1
+constexpr int64_t kChunkTile = 8;     // chunks rebuilt together: each SV row is loaded once per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using StridedFArray = py::array_t<float, py::array::forcecast>;  // any strides, last dim contiguous
+using IArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+int resolve_threads(int num_threads) { return num_threads > 0 ? num_threads : omp_get_max_threads(); }
+
+// ---------------------------------------------------------------------------------------------
+// Register-blocked micro-kernels (AVX-512 when built for it; setup.py passes -march=native), with
+// plain loops for other CPUs and ragged sizes. Accumulators stay in registers: the memory traffic
+// is one read of each landmark / SV element per tile.
+
+// lg[g * ldo + n] (n < 64) = sum_d qs[g * D + d] * L[d * N + n]   for g < NR  (qs already scaled)
+template <int NR>
+void score_tile64(const float* qs, const float* L, int64_t N, int64_t D, float* lg, int64_t ldo) {
+#if defined(__AVX512F__)
+  __m512 acc[NR][4];
+  for (int g = 0; g < NR; ++g)
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* ld = L + d * N;
+    const __m512 l0 = _mm512_loadu_ps(ld), l1 = _mm512_loadu_ps(ld + 16), l2 = _mm512_loadu_ps(ld + 32),
+                 l3 = _mm512_loadu_ps(ld + 48);
+    for (int g = 0; g < NR; ++g) {
+      const __m512 qv = _mm512_set1_ps(qs[g * D + d]);
+      acc[g][0] = _mm512_fmadd_ps(qv, l0, acc[g][0]);
+      acc[g][1] = _mm512_fmadd_ps(qv, l1, acc[g][1]);
+      acc[g][2] = _mm512_fmadd_ps(qv, l2, acc[g][2]);
+      acc[g][3] = _mm512_fmadd_ps(qv, l3, acc[g][3]);
+    }
+  }
+  for (int g = 0; g < NR; ++g)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(lg + g * ldo + 16 * j, acc[g][j]);
+#else
+  float acc[NR][64] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* ld = L + d * N;
+    for (int g = 0; g < NR; ++g) {
+      const float qv = qs[g * D + d];
+#pragma omp simd
+      for (int n = 0; n < 64; ++n) acc[g][n] += qv * ld[n];
+    }
+  }
+  for (int g = 0; g < NR; ++g) std::copy(acc[g], acc[g] + 64, lg + g * ldo);
+#endif
+}
+
+// Logits of GS rows for landmarks [n0, n0 + len): full 64-wide tiles through score_tile64 (rows in groups
+// of up to 4), the ragged tail with plain loops.
+void score_block(const float* qs, int64_t GS, const float* L, int64_t N, int64_t D, int64_t n0, int64_t len, float* lg) {
+  const int64_t full = len / 64 * 64;
+  for (int64_t t = 0; t < full; t += 64) {
+    for (int64_t g0 = 0; g0 < GS; g0 += 4) {
+      const float* qg = qs + g0 * D;
+      float* out = lg + g0 * N + n0 + t;
+      switch (std::min<int64_t>(4, GS - g0)) {
+        case 1: score_tile64<1>(qg, L + n0 + t, N, D, out, N); break;
+        case 2: score_tile64<2>(qg, L + n0 + t, N, D, out, N); break;
+        case 3: score_tile64<3>(qg, L + n0 + t, N, D, out, N); break;
+        default: score_tile64<4>(qg, L + n0 + t, N, D, out, N); break;
+      }
+    }
+  }
+  if (full < len) {
+    for (int64_t g = 0; g < GS; ++g) std::fill(lg + g * N + n0 + full, lg + g * N + n0 + len, 0.f);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t g = 0; g < GS; ++g) {
+        const float qv = qs[g * D + d];
+        const float* ld = L + d * N + n0;
+        float* o = lg + g * N + n0;
+        for (int64_t n = full; n < len; ++n) o[n] += qv * ld[n];
+      }
+  }
+}
+
+// acc[i * D + d] = sum_k a[i][k] * S[k * D + d] for i < NT tokens (a[i] = U rows), D % 64 == 0 on the fast path
+template <int NT>
+void gemm_rows(const float* const* a, const float* S, int64_t r, int64_t D, float* acc) {
+#if defined(__AVX512F__)
+  if (D % 64 == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __m512 c[NT][4];
+      for (int i = 0; i < NT; ++i)
+        for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < r; ++k) {
+        const float* sk = S + k * D + d0;
+        const __m512 s0 = _mm512_loadu_ps(sk), s1 = _mm512_loadu_ps(sk + 16), s2 = _mm512_loadu_ps(sk + 32),
+                     s3 = _mm512_loadu_ps(sk + 48);
+        for (int i = 0; i < NT; ++i) {
+          const __m512 av = _mm512_set1_ps(a[i][k]);
+          c[i][0] = _mm512_fmadd_ps(av, s0, c[i][0]);
+          c[i][1] = _mm512_fmadd_ps(av, s1, c[i][1]);
+          c[i][2] = _mm512_fmadd_ps(av, s2, c[i][2]);
+          c[i][3] = _mm512_fmadd_ps(av, s3, c[i][3]);
+        }
+      }
+      for (int i = 0; i < NT; ++i)
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + i * D + d0 + 16 * j, c[i][j]);
+    }
+    return;
+  }
+#endif
+  std::fill(acc, acc + NT * D, 0.f);
+  for (int64_t k = 0; k < r; ++k) {
+    const float* sk = S + k * D;
+    for (int i = 0; i < NT; ++i) {
+      const float av = a[i][k];
+      float* ai = acc + i * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ai[d] += av * sk[d];
+    }
+  }
+}
+
+void gemm_rows_n(int nt, const float* const* a, const float* S, int64_t r, int64_t D, float* acc) {
+  switch (nt) {
+    case 1: gemm_rows<1>(a, S, r, D, acc); break;
+    case 2: gemm_rows<2>(a, S, r, D, acc); break;
+    case 3: gemm_rows<3>(a, S, r, D, acc); break;
+    default: gemm_rows<4>(a, S, r, D, acc); break;
+  }
+}
+
+// ------------------------------------------------------------------------------------ scores
+py::array_t<float> shadowkv_scores(const FArray& q, const FArray& lm, const std::optional<FArray>& bias, double scale,
+                                   int num_threads) {
+  if (q.ndim() != 3) throw py::value_error("shadowkv_scores: q requires [rows, GS, D] (got " + shape_of(q) + ")");
+  if (lm.ndim() != 3 || lm.shape(0) != q.shape(0) || lm.shape(1) != q.shape(2))
+    throw py::value_error("shadowkv_scores: landmarks require [rows, D, N] matching q " + shape_of(q) + " (got " +
+                          shape_of(lm) + ")");
+  const int64_t rows = q.shape(0), GS = q.shape(1), D = q.shape(2), N = lm.shape(2);
+  if (bias && (bias->ndim() != 2 || bias->shape(0) != rows || bias->shape(1) != N))
+    throw py::value_error("shadowkv_scores: bias requires [rows, N] (got " + shape_of(*bias) + ")");
+  py::array_t<float> out({rows, N});
+  if (rows == 0 || N == 0) return out;
+  const int64_t nb = (N + kScoreBlock - 1) / kScoreBlock;
+  std::vector<float> logits(static_cast<size_t>(rows * GS * N));
+  std::vector<float> part_m(static_cast<size_t>(rows * GS * nb)), part_l(part_m.size()), lse(static_cast<size_t>(rows * GS));
+  const float* qp = q.data();
+  const float* lp = lm.data();
+  const float* bp = bias ? bias->data() : nullptr;
+  float* op = out.mutable_data();
+  const float fscale = static_cast<float>(scale);
+  std::vector<float> qscaled(static_cast<size_t>(rows * GS * D));
+  for (size_t i = 0; i < qscaled.size(); ++i) qscaled[i] = qp[i] * fscale;
+  const int threads = resolve_threads(num_threads);
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel num_threads(threads)
+    {
+      // -- phase 1: logits of one block for all GS rows, and the block's softmax state per row
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < rows * nb; ++item) {
+        const int64_t row = item / nb, blk = item % nb;
+        const int64_t n0 = blk * kScoreBlock, len = std::min(kScoreBlock, N - n0);
+        float* lg = logits.data() + row * GS * N + n0;
+        const float* qs = qscaled.data() + row * GS * D;
+        score_block(qs, GS, lp + row * D * N, N, D, n0, len, lg - n0);
+        for (int64_t g = 0; g < GS; ++g) {
+          float* lgg = lg + g * N;
+          if (bp) {
+            const float* bb = bp + row * N + n0;
+#pragma omp simd
+            for (int64_t n = 0; n < len; ++n) lgg[n] += bb[n];
+          }
+          float m = kNegInf;
+          for (int64_t n = 0; n < len; ++n) m = std::max(m, lgg[n]);
+          float l = 0.f;
+          if (m != kNegInf)
+            for (int64_t n = 0; n < len; ++n) l += std::exp(lgg[n] - m);
+          part_m[(row * GS + g) * nb + blk] = m;
+          part_l[(row * GS + g) * nb + blk] = l;
+        }
+      }
+      // -- each row's log-sum-exp over all blocks
+#pragma omp for schedule(static)
+      for (int64_t rg = 0; rg < rows * GS; ++rg) {
+        float m = kNegInf;
+        for (int64_t b = 0; b < nb; ++b) m = std::max(m, part_m[rg * nb + b]);
+        float l = 0.f;
+        if (m != kNegInf)
+          for (int64_t b = 0; b < nb; ++b) l += part_l[rg * nb + b] * std::exp(part_m[rg * nb + b] - m);
+        lse[rg] = l > 0.f ? m + std::log(l) : std::numeric_limits<float>::quiet_NaN();  // NaN: no chunk left
+      }
+      // -- phase 2: score = exp(max over rows of (logit - lse)); a row with no chunk contributes 0
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < rows * nb; ++item) {
+        const int64_t row = item / nb, blk = item % nb;
+        const int64_t n0 = blk * kScoreBlock, len = std::min(kScoreBlock, N - n0);
+        float* dst = op + row * N + n0;
+        std::fill(dst, dst + len, kNegInf);
+        for (int64_t g = 0; g < GS; ++g) {
+          const float s = lse[row * GS + g];
+          if (std::isnan(s)) continue;
+          const float* lgg = logits.data() + (row * GS + g) * N + n0;
+          for (int64_t n = 0; n < len; ++n) dst[n] = std::max(dst[n], lgg[n] - s);
+        }
+        for (int64_t n = 0; n < len; ++n) dst[n] = std::exp(dst[n]);
+      }
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ rebuild
+struct Strided4 {  // a writable fp32 [A, B, C, D] view with element strides, last dim contiguous
+  float* data;
+  int64_t s0, s1, s2;
+};
+
+Strided4 writable_view(py::array& a, const char* name, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
+  if (!a.dtype().is(py::dtype::of<float>()) || !a.writeable() || a.ndim() != 4)
+    throw py::value_error(std::string("shadowkv_rebuild: ") + name + " requires a writable fp32 array of 4 dims (got " +
+                          shape_of(a) + ")");
+  if (a.shape(0) != d0 || a.shape(1) != d1 || a.shape(2) != d2 || a.shape(3) != d3)
+    throw py::value_error(std::string("shadowkv_rebuild: ") + name + " requires shape (" + std::to_string(d0) + ", " +
+                          std::to_string(d1) + ", " + std::to_string(d2) + ", " + std::to_string(d3) + ") (got " +
+                          shape_of(a) + ")");
+  if (d3 > 1 && a.strides(3) != static_cast<py::ssize_t>(sizeof(float)))
+    throw py::value_error(std::string("shadowkv_rebuild: ") + name + " requires a contiguous last dim");
+  for (int i = 0; i < 3; ++i)
+    if (a.strides(i) % static_cast<py::ssize_t>(sizeof(float)))
+      throw py::value_error(std::string("shadowkv_rebuild: ") + name + " requires float-aligned strides");
+  const int64_t f = sizeof(float);
+  return {static_cast<float*>(a.mutable_data()), a.strides(0) / f, a.strides(1) / f, a.strides(2) / f};
+}
+
+void shadowkv_rebuild(const FArray& u, const FArray& sv, const IArray& chunks, const IArray& slots, const IArray& counts,
+                      const FArray& cos, const FArray& sin, py::array out_k, const StridedFArray& v_src, py::array out_v,
+                      int64_t num_kv_heads, int num_threads) {
+  if (chunks.ndim() != 2 || slots.ndim() != 2 || slots.shape(0) != chunks.shape(0) || slots.shape(1) != chunks.shape(1))
+    throw py::value_error("shadowkv_rebuild: chunks and slots require the same [rows, M] shape (got " + shape_of(chunks) +
+                          " and " + shape_of(slots) + ")");
+  const int64_t rows = chunks.shape(0), M = chunks.shape(1);
+  if (num_kv_heads <= 0 || rows % num_kv_heads)
+    throw py::value_error("shadowkv_rebuild: rows (" + std::to_string(rows) + ") must be a multiple of num_kv_heads (got " +
+                          std::to_string(num_kv_heads) + ")");
+  if (counts.ndim() != 1 || counts.shape(0) != rows)
+    throw py::value_error("shadowkv_rebuild: counts requires [rows=" + std::to_string(rows) + "] (got " + shape_of(counts) + ")");
+  if (v_src.ndim() != 4 || v_src.shape(0) != rows)
+    throw py::value_error("shadowkv_rebuild: v_src requires [rows, N, C, D] (got " + shape_of(v_src) + ")");
+  const int64_t N = v_src.shape(1), C = v_src.shape(2), D = v_src.shape(3);
+  if (D > 1 && v_src.strides(3) != static_cast<py::ssize_t>(sizeof(float)))
+    throw py::value_error("shadowkv_rebuild: v_src requires a contiguous last dim");
+  const int64_t B = rows / num_kv_heads;
+  if (u.ndim() != 2 || B == 0 || u.shape(0) % B || u.shape(0) / B < N * C)
+    throw py::value_error("shadowkv_rebuild: u requires [B*Tc, r] with Tc >= N*C (got " + shape_of(u) + ")");
+  const int64_t Tc = u.shape(0) / B, r = u.shape(1);
+  if (sv.ndim() != 3 || sv.shape(1) != r || sv.shape(2) != D || (sv.shape(0) != rows && sv.shape(0) != rows * C))
+    throw py::value_error("shadowkv_rebuild: sv requires [rows, r, D] or [rows*C, r, D] (got " + shape_of(sv) + ")");
+  const int64_t Cs = sv.shape(0) / rows;  // 1: one SV per KV head; C: one per in-chunk offset (folded RoPE)
+  if (cos.ndim() != 4 || cos.shape(0) != rows || cos.shape(1) != M || (cos.shape(2) != 1 && cos.shape(2) != C) ||
+      cos.shape(3) > D || cos.shape(3) % 2 || sin.ndim() != 4 || sin.shape(0) != cos.shape(0) || sin.shape(1) != cos.shape(1) ||
+      sin.shape(2) != cos.shape(2) || sin.shape(3) != cos.shape(3))
+    throw py::value_error("shadowkv_rebuild: cos and sin require [rows, M, 1 or C, R] with R even and <= D (got " +
+                          shape_of(cos) + " and " + shape_of(sin) + ")");
+  const int64_t Cc = cos.shape(2), R = cos.shape(3), h = R / 2;
+  const int64_t K = out_k.ndim() == 4 ? out_k.shape(1) : 0;
+  Strided4 ok = writable_view(out_k, "out_k", rows, K, C, D);
+  Strided4 ov = writable_view(out_v, "out_v", rows, K, C, D);
+  const int64_t* cp = chunks.data();
+  const int64_t* sp = slots.data();
+  const int64_t* np = counts.data();
+  // validate every entry that will be used (no throwing inside OpenMP)
+  for (int64_t row = 0; row < rows; ++row) {
+    if (np[row] < 0 || np[row] > M)
+      throw py::value_error("shadowkv_rebuild: counts must be in [0, M=" + std::to_string(M) + "] (got " + std::to_string(np[row]) + ")");
+    for (int64_t j = 0; j < np[row]; ++j) {
+      if (cp[row * M + j] < 0 || cp[row * M + j] >= N)
+        throw py::value_error("shadowkv_rebuild: chunk ids must be in [0, N=" + std::to_string(N) + ") (got " +
+                              std::to_string(cp[row * M + j]) + ")");
+      if (sp[row * M + j] < 0 || sp[row * M + j] >= K)
+        throw py::value_error("shadowkv_rebuild: slots must be in [0, K=" + std::to_string(K) + ") (got " +
+                              std::to_string(sp[row * M + j]) + ")");
+    }
+  }
+  const float* up = u.data();
+  const float* svp = sv.data();
+  const float* csp = cos.data();
+  const float* snp = sin.data();
+  const float* vp = v_src.data();
+  const int64_t f = sizeof(float);
+  const int64_t vs0 = v_src.strides(0) / f, vs1 = v_src.strides(1) / f, vs2 = v_src.strides(2) / f;
+  const int64_t tiles = (M + kChunkTile - 1) / kChunkTile;
+  const int threads = resolve_threads(num_threads);
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> acc(static_cast<size_t>(kChunkTile * D));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < rows * tiles; ++item) {
+        const int64_t row = item / tiles, j0 = (item % tiles) * kChunkTile;
+        const int64_t nt = std::min(kChunkTile, np[row] - j0);
+        if (nt <= 0) continue;
+        const int64_t b = row / num_kv_heads;
+        const int64_t* ch = cp + row * M + j0;
+        const int64_t* sl = sp + row * M + j0;
+        for (int64_t c = 0; c < C; ++c) {
+          // -- keys of token c of nt chunks: U rows @ SV, 4 tokens per register tile
+          const float* svc = svp + (row * Cs + (Cs > 1 ? c : 0)) * r * D;
+          for (int64_t i0 = 0; i0 < nt; i0 += 4) {
+            const float* a[4];
+            const int n4 = static_cast<int>(std::min<int64_t>(4, nt - i0));
+            for (int i = 0; i < n4; ++i) a[i] = up + (b * Tc + ch[i0 + i] * C + c) * r;
+            gemm_rows_n(n4, a, svc, r, D, acc.data() + i0 * D);
+          }
+          // -- RoPE on the first R dims, then write into the slot
+          for (int64_t i = 0; i < nt; ++i) {
+            const float* ai = acc.data() + i * D;
+            const int64_t t = ((row * M + j0 + i) * Cc + (Cc > 1 ? c : 0)) * R;
+            const float* cs = csp + t;
+            const float* sn = snp + t;
+            float* dst = ok.data + row * ok.s0 + sl[i] * ok.s1 + c * ok.s2;
+#pragma omp simd
+            for (int64_t d = 0; d < h; ++d) dst[d] = ai[d] * cs[d] - ai[d + h] * sn[d];
+#pragma omp simd
+            for (int64_t d = h; d < R; ++d) dst[d] = ai[d] * cs[d] + ai[d - h] * sn[d];
+            for (int64_t d = R; d < D; ++d) dst[d] = ai[d];
+            // -- the chunk's value row c, host tier -> slot
+            std::memcpy(ov.data + row * ov.s0 + sl[i] * ov.s1 + c * ov.s2, vp + row * vs0 + ch[i] * vs1 + c * vs2,
+                        static_cast<size_t>(D) * sizeof(float));
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void register_shadowkv(py::module_& m) {
+  m.def("shadowkv_scores", &shadowkv_scores, py::arg("q"), py::arg("landmarks"), py::arg("bias"), py::arg("scale"),
+        py::arg("num_threads") = 0,
+        "ShadowKV chunk scores [rows, N]: max over the GS query rows of softmax_N(scale * q . L + bias).\n"
+        "q [rows, GS, D], landmarks [rows, D, N], bias [rows, N] or None (fp32).");
+  m.def("shadowkv_rebuild", &shadowkv_rebuild, py::arg("u"), py::arg("sv"), py::arg("chunks"), py::arg("slots"),
+        py::arg("counts"), py::arg("cos"), py::arg("sin"), py::arg("out_k"), py::arg("v_src"), py::arg("out_v"),
+        py::arg("num_kv_heads"), py::arg("num_threads") = 0,
+        "Rebuild missed chunks in place: out_k[row, slot] = RoPE(U[chunk rows] @ SV), out_v[row, slot] = v_src[row, chunk]\n"
+        "for entries j < counts[row]. u [B*Tc, r], sv [rows or rows*C, r, D], chunks/slots [rows, M] int64,\n"
+        "counts [rows], cos/sin [rows, M, 1 or C, R], out_k/out_v [rows, K, C, D] (strided), v_src [rows, N, C, D].");
+}
+
+}  // namespace longctx

@@ -1,0 +1,157 @@
+"""Key indexes: recall against exact search, insertion, truncation, graph invariants, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from longctx.config import RETRIEVAL_INDEX_TYPES
+from longctx.index import (
+    INDEX_TYPES,
+    AttentionAwareIndex,
+    IndexParams,
+    exact_topk,
+    make_index,
+    mahalanobis_ratio,
+    recall_at_k,
+    scan_fraction,
+)
+from longctx.index.synthetic import ood_dataset
+
+H, HKV, D = 4, 2, 32
+
+
+@pytest.fixture(scope="module")
+def data():
+    # small OOD set: 2 KV heads x 2 query heads, 3000 keys
+    return ood_dataset(num_heads=H, num_kv_heads=HKV, n_keys=3000, head_dim=D, n_train=1500, n_test=40, n_clusters=64,
+                       content_dim=8, seed=3)
+
+
+def test_config_names_every_index_type():
+    assert tuple(RETRIEVAL_INDEX_TYPES) == tuple(INDEX_TYPES)
+
+
+def test_synthetic_queries_are_out_of_distribution(data):
+    assert mahalanobis_ratio(data.test_queries[0], data.keys[0]) > 5.0
+
+
+@pytest.mark.parametrize("kind", INDEX_TYPES)
+def test_exact_when_search_covers_everything(data, kind):
+    # beam/efSearch/nprobe wide enough to see every key: results are the exact top-k in order
+    params = IndexParams(ef_search=4000, nprobe=10_000)
+    index = make_index(kind, H, HKV, D, params)
+    index.build(data.keys, data.train_queries)
+    res = index.search(data.test_queries, data.keys, k=20)
+    truth = exact_topk(data.test_queries, data.keys, 20)
+    assert res.ids.shape == (H, 40, 20) and res.scanned.shape == (H, 40)
+    assert recall_at_k(res.ids, truth) >= (0.99 if kind != "hnsw" else 0.95)
+    if kind in ("attention_aware", "flat"):
+        np.testing.assert_array_equal(np.sort(res.ids, -1), np.sort(truth, -1))
+
+
+def test_attention_aware_recall_and_scan(data):
+    index = AttentionAwareIndex(H, HKV, D, IndexParams(ef_search=64))
+    index.build(data.keys, data.train_queries)
+    truth = exact_topk(data.test_queries, data.keys, 10)
+    res = index.search(data.test_queries, data.keys, k=10)
+    assert recall_at_k(res.ids, truth) >= 0.9
+    frac = scan_fraction(res.scanned, data.keys.shape[1])
+    assert 0.0 < frac < 0.6
+    # the projection from training queries is what makes it attention-aware: without it the
+    # same beam finds fewer of the true top keys
+    blind = AttentionAwareIndex(H, HKV, D, IndexParams(ef_search=64))
+    blind.build(data.keys, None)
+    assert recall_at_k(blind.search(data.test_queries, data.keys, k=10).ids, truth) < recall_at_k(res.ids, truth)
+
+
+def test_graph_invariants(data):
+    p = IndexParams(degree=24, base_degree=8)
+    index = AttentionAwareIndex(H, HKV, D, p)
+    index.build(data.keys, data.train_queries)
+    g = index.graph
+    deg = g.degrees()  # [H, N, 2]: projection, base
+    N = data.keys.shape[1]
+    assert deg.shape == (H, N, 2)
+    assert deg[..., 0].max() <= 24 and deg[..., 1].max() <= 8 and deg[..., 1].min() >= 1
+    for h in range(H):
+        assert g.reachable(h) == N
+        nb = g.neighbors(h, 5)
+        assert ((nb >= 0) & (nb < N)).all() and 5 not in nb.tolist()
+        entries = g.entries(h)
+        assert 1 <= len(entries) <= p.num_entry
+    # GQA: heads of one group share the key-key layer, differ in projection edges
+    assert np.array_equal(deg[0, :, 1], deg[1, :, 1])
+    assert not np.array_equal(deg[0, :, 0], deg[1, :, 0])
+
+
+@pytest.mark.parametrize("kind", INDEX_TYPES)
+def test_incremental_add_and_truncate(data, kind):
+    N = data.keys.shape[1]
+    n0 = 2000
+    store = np.zeros((HKV, N + 8, D), dtype=np.float32)  # a key store with spare capacity (strided view)
+    store[:, :N] = data.keys
+    index = make_index(kind, H, HKV, D, IndexParams(ef_search=200, nprobe=64))
+    index.build(store[:, :n0], data.train_queries)
+    for stop in (2500, N):  # tokens leaving the window, in blocks
+        index.add(store[:, :stop])
+    assert index.ntotal == N
+    truth = exact_topk(data.test_queries, data.keys, 10)
+    res = index.search(data.test_queries, store[:, :N], k=10)
+    assert recall_at_k(res.ids, truth) >= 0.8
+    if kind == "attention_aware":
+        assert all(index.graph.reachable(h) == N for h in range(H))
+    index.truncate(2200)
+    assert index.ntotal == 2200
+    res = index.search(data.test_queries, store[:, :2200], k=10)
+    assert res.ids.max() < 2200
+    truth = exact_topk(data.test_queries, data.keys[:, :2200], 10)
+    assert recall_at_k(res.ids, truth) >= 0.7
+    if kind == "attention_aware":
+        assert all(index.graph.reachable(h) == 2200 for h in range(H))
+
+
+def test_small_and_empty_indexes():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((HKV, 5, D), dtype=np.float32)
+    q = rng.standard_normal((H, 2, D), dtype=np.float32)
+    for kind in INDEX_TYPES:
+        index = make_index(kind, H, HKV, D)
+        index.build(keys[:, :0], None)
+        assert index.ntotal == 0
+        assert (index.search(q, keys[:, :0], k=3).ids == -1).all()
+        index.add(keys)
+        res = index.search(q, keys, k=8)  # k > N: padded with -1
+        assert (res.ids[..., 5:] == -1).all()
+        assert sorted(res.ids[0, 0, :5].tolist()) == list(range(5))
+
+
+def test_metrics():
+    found = np.array([[[1, 2, 3, -1]], [[4, 5, 6, 7]]])
+    truth = np.array([[[3, 2, 9, 8]], [[4, 5, 6, 7]]])
+    assert recall_at_k(found, truth) == pytest.approx((2 / 4 + 1.0) / 2)
+    assert scan_fraction(np.array([[10, 30]]), 100) == pytest.approx(0.2)
+
+
+def test_bad_input(data):
+    with pytest.raises(ValueError, match="index requires one of"):
+        make_index("lsh", H, HKV, D)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        make_index("flat", 3, 2, D)
+    with pytest.raises(ValueError, match="requires"):
+        IndexParams(ef_search=0)
+    with pytest.raises(ValueError, match="requires"):
+        IndexParams(base_degree=1)
+    index = AttentionAwareIndex(H, HKV, D)
+    with pytest.raises(TypeError, match="float32"):
+        index.build(data.keys.astype(np.float64), None)
+    with pytest.raises(ValueError, match="shape"):
+        index.build(data.keys[:1], None)
+    index.build(data.keys, data.train_queries)
+    with pytest.raises(ValueError, match="k > 0"):
+        index.search(data.test_queries, data.keys, k=0)
+    with pytest.raises(ValueError, match="queries"):
+        index.search(data.test_queries[:1], data.keys, k=5)
+    with pytest.raises(ValueError, match="n_keys"):
+        index.search(data.test_queries, data.keys[:, :10], k=5)
+    with pytest.raises(ValueError, match="truncate requires"):
+        index.truncate(-1)
