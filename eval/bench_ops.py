@@ -33,21 +33,26 @@ def dense_grouped_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return torch.matmul(probs, v).reshape(B, H, S, D)
 
 
-def time_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time in ms of every ``fns[name]()``, warm-up excluded.
+def time_ms(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, float]:
+    """Median time in ms of every ``fns[name]()``, warm-up excluded.
 
     The functions run interleaved (one call of each per round), so that load from other
-    processes on a shared machine hits all of them alike.
+    processes on a shared machine hits all of them alike. ``clock="cpu"`` measures process
+    CPU time (summed over threads: the work done, insensitive to time slicing on a busy
+    machine; equal to latency only with one thread).
     """
+    now = time.perf_counter if clock == "wall" else time.process_time
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((now() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -61,6 +66,7 @@ def bench(
     repeats: int = 5,
     sdpa: bool = False,
     seed: int = 0,
+    clock: str = "wall",
 ) -> list[dict]:
     """Time every implementation on every (S, selection) case; returns one row per case."""
     gen = torch.Generator().manual_seed(seed)
@@ -84,7 +90,7 @@ def bench(
                 fns["dense-matmul"] = lambda: dense_grouped_matmul(q, k, v)
                 if sdpa:
                     fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            row = {"S": S, "selection": K or "all", "T": context, **time_ms(fns, repeats)}
+            row = {"S": S, "selection": K or "all", "T": context, **time_ms(fns, repeats, clock=clock)}
             rows.append(row)
     return rows
 
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sdpa", action="store_true", help="also time F.scaled_dot_product_attention (slow on CPU)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: latency; cpu: process CPU time summed over threads (robust on a shared machine)")
     p.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -122,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         args.head_dim,
         args.repeats,
         args.sdpa,
+        clock=args.clock,
     )
-    print(f"sparse_attention, median ms over {args.repeats} runs, {args.threads} threads, fp32, "
+    print(f"sparse_attention, median {args.clock} ms over {args.repeats} runs, {args.threads} threads, fp32, "
           f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim} B=1, C++ kernel: {cpp_isa() or 'not built'}")
     print(format_table(rows))
     if args.json:

@@ -220,6 +220,8 @@ def sparse_attention_triton(
     else:  # fp32 partials, merged below
         out = torch.empty((num_splits, B, H, S, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((num_splits, B, H, S), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:  # no query rows: nothing to launch
+        return out[0], lse[0]
     if indices is None:
         idx, idx_strides = q, (0, 0, 0)  # dummy pointer, never read (HAS_INDICES=False)
     else:

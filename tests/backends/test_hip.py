@@ -127,18 +127,22 @@ def test_exact_when_k_covers_everything(gen, monkeypatch, impl, shared):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_prefill_of_the_last_queries_only(gen, monkeypatch, impl):
-    """Prefill may pass only the last S queries of a T-token prompt (as ``longctx bench`` does)."""
+    """Prefill may pass only the last S queries of a T-token prompt (as ``longctx bench`` does).
+
+    Query blocks are consecutive runs of b_q queries from the first one given: when that
+    query starts a block of the full prompt too, the masks and outputs are the same."""
     monkeypatch.setenv("LONGCTX_OPS", impl)
-    q, k, v = _qkv(gen, 1, 4, 2, 150, 16)
+    q, k, v = _qkv(gen, 1, 4, 2, 152, 16)
     for cfg, exact in ((dict(SMALL, k=256), True), (dict(SMALL, k=16), False)):
         layer = make_layer("hip", _ctx(), **cfg)
-        out = layer.prefill(q[:, :, -20:], k, v, None)
+        out = layer.prefill(q[:, :, -24:], k, v, None)  # 152 - 24 = 128, a multiple of b_q = 8
         full = make_layer("hip", _ctx(), **cfg).prefill(q, k, v, None)
-        torch.testing.assert_close(out, full[:, :, -20:], atol=ATOL, rtol=RTOL)  # same blocks, same result
+        torch.testing.assert_close(out, full[:, :, -24:], atol=ATOL, rtol=RTOL)
         if exact:
-            ref, _ = causal_attention_ref(q[:, :, -20:], k, v, scale=16**-0.5)
-            torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
-        assert layer.seq_length == 150
+            ref, _ = causal_attention_ref(q[:, :, -21:], k, v, scale=16**-0.5)
+            torch.testing.assert_close(make_layer("hip", _ctx(), **cfg).prefill(q[:, :, -21:], k, v, None), ref,
+                                       atol=ATOL, rtol=RTOL)
+        assert layer.seq_length == 152
 
 
 def test_dense_layers_and_sliding_window_stay_dense(gen):

@@ -22,7 +22,7 @@ from longctx.ops import merge_states, merge_states_ref, sparse_attention, sparse
 
 HAS_CPP = ops.cpp_available()
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="longctx._C is not built")
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
