@@ -19,6 +19,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+// gcc 12 flags the _mm*_undefined_* placeholders inside its own AVX-512 headers
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -871,10 +878,65 @@ class GraphIndex {
   bool dirty_ = false;  // keys were dropped since the last reachability repair
 };
 
+// Row-wise top-k of a score matrix [m, n] (largest first) -> int32 [m, k]: the selection half
+// of the exact kNN (the scores come from one BLAS matmul in torch). A row keeps a min-heap of its
+// k best; 16 scores at a time are compared with the heap's minimum, so most are skipped.
+py::array_t<int32_t> topk_rows(const py::array_t<float, py::array::c_style | py::array::forcecast>& scores, int k,
+                               int num_threads) {
+  if (scores.ndim() != 2) throw std::invalid_argument("topk_rows requires scores of shape [m, n]");
+  const int64_t m = scores.shape(0), n = scores.shape(1);
+  if (k <= 0 || k > n)
+    throw std::invalid_argument("topk_rows requires 0 < k <= n=" + std::to_string(n) + " (got " + std::to_string(k) + ")");
+  py::array_t<int32_t> out({m, static_cast<int64_t>(k)});
+  const float* sp = scores.data();
+  int32_t* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<Cand> heap(k);
+      auto worse = [](const Cand& a, const Cand& b) { return better(a, b); };  // min-heap on "better"
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < m; ++r) {
+        const float* row = sp + r * n;
+        for (int j = 0; j < k; ++j) heap[j] = {row[j], static_cast<uint32_t>(j)};
+        std::make_heap(heap.begin(), heap.end(), worse);
+        auto push = [&](int64_t j) {
+          const Cand c{row[j], static_cast<uint32_t>(j)};
+          if (better(c, heap.front())) {
+            std::pop_heap(heap.begin(), heap.end(), worse);
+            heap.back() = c;
+            std::push_heap(heap.begin(), heap.end(), worse);
+          }
+        };
+        int64_t j = k;
+#if defined(__AVX512F__)
+        for (; j + 16 <= n; j += 16) {
+          const __m512 thr = _mm512_set1_ps(heap.front().score);
+          __mmask16 mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), thr, _CMP_GE_OQ);
+          while (mask) {
+            const int bit = __builtin_ctz(mask);
+            push(j + bit);
+            mask &= mask - 1;
+          }
+        }
+#endif
+        for (; j < n; ++j) push(j);
+        std::sort_heap(heap.begin(), heap.end(), worse);  // best first
+        for (int i = 0; i < k; ++i) op[r * k + i] = static_cast<int32_t>(heap[i].id);
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_index(py::module_& m) {
   using namespace pybind11::literals;
+  m.def("topk_rows", &topk_rows, "scores"_a, "k"_a, "num_threads"_a = 0,
+        "Row-wise top-k of scores [m, n] float32 -> int32 ids [m, k], largest first.");
   py::class_<GraphIndex>(m, "GraphIndex", R"doc(
 Attention-aware graph index (RoarGraph-style) over the offloaded keys of one sequence.
 

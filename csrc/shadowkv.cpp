@@ -41,7 +41,8 @@ namespace longctx {
 namespace {
 
 constexpr int64_t kScoreBlock = 512;  // landmarks per work item: a [GS, 512] fp32 logit tile stays in L1
-constexpr int64_t kChunkTile = 8;     // chunks rebuilt together: each SV row is loaded once per tile
+constexpr int64_t kChunkTile = 8;     // chunks per work item of the rebuild
+constexpr int64_t kPrefetchRows = 24;  // landmark rows prefetched ahead in the scoring tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -70,6 +71,10 @@ void score_tile64(const float* qs, const float* L, int64_t N, int64_t D, float* 
     for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     const float* ld = L + d * N;
+    // rows d are N floats apart (a different page each): prefetch a few rows ahead, the hardware won't
+    const int64_t dp = d + kPrefetchRows;  // past the last row: the next tile's first rows (a hint, never faults)
+    const float* pf = dp < D ? L + dp * N : L + 64 + (dp - D) * N;
+    for (int j = 0; j < 64; j += 16) _mm_prefetch(reinterpret_cast<const char*>(pf + j), _MM_HINT_T0);
     const __m512 l0 = _mm512_loadu_ps(ld), l1 = _mm512_loadu_ps(ld + 16), l2 = _mm512_loadu_ps(ld + 32),
                  l3 = _mm512_loadu_ps(ld + 48);
     for (int g = 0; g < NR; ++g) {

@@ -20,9 +20,9 @@ stopping-criteria call divided by the tokens added in between (so the prefill, a
 assisted generation its first round, are excluded); for TriForce, its decode time after the
 first token (which the prefill gives) divided by the tokens after it.
 
-Usage::
+Usage (options after ``--``, which keeps them away from ``longctx bench``'s own)::
 
-    longctx bench --speculative --model tiny --draft tiny-draft --context 16384
+    longctx bench --speculative -- --model tiny --draft tiny-draft --context 16384
     python -m longctx.eval.bench_speculative --random-models --context 4096   # without the bundled models
 """
 from __future__ import annotations
@@ -38,22 +38,24 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MIDDLES = ("triforce_retrieval", "shadowkv", "retrieval", "hip")
+DEFAULT_MIDDLES = ("triforce_retrieval", "triforce_retrieval:retrieval_interval=1", "shadowkv", "retrieval", "hip")
 
 
 class _Clock:
-    """A stopping criterion that never stops; records (time, length) at every call."""
+    """A stopping criterion that never stops; records (wall time, CPU time, length) at every call."""
 
     def __init__(self):
-        self.marks: list[tuple[float, int]] = []
+        self.marks: list[tuple[float, float, int]] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
-        self.marks.append((time.perf_counter(), input_ids.shape[1]))
+        self.marks.append((time.perf_counter(), time.process_time(), input_ids.shape[1]))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    def ms_per_token(self) -> float:
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return 1000.0 * (t1 - t0) / max(n1 - n0, 1)
+    def per_token(self) -> tuple[float, float]:
+        """(wall ms, CPU ms) per token between the first and the last call."""
+        (t0, c0, n0), (t1, c1, n1) = self.marks[0], self.marks[-1]
+        n = max(n1 - n0, 1)
+        return 1000.0 * (t1 - t0) / n, 1000.0 * (c1 - c0) / n
 
 
 def _generate(model, ids, max_new, eos, clock_prefill: bool = True, **kwargs) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -64,7 +66,8 @@ def _generate(model, ids, max_new, eos, clock_prefill: bool = True, **kwargs) ->
     out = model.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
                          stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
     total = time.perf_counter() - t0
-    row = {"ms_per_token": clock.ms_per_token(), "prefill_s": clock.marks[0][0] - t0, "total_s": total,
+    wall, cpu = clock.per_token()
+    row = {"ms_per_token": wall, "cpu_ms_per_token": cpu, "prefill_s": clock.marks[0][0] - t0, "total_s": total,
            "new_tokens": out.shape[1] - ids.shape[1]}
     return out, row
 
@@ -113,15 +116,30 @@ def _prompt(tokenizer, task: str, context: int, seed: int, max_new: int) -> torc
     return best if best is not None else ids[:, -want:]
 
 
-def _parse_middle_opts(items: Optional[Sequence[str]]) -> dict[str, dict[str, str]]:
-    """``["hip:k=256", "triforce_retrieval:budget=2048"]`` -> ``{"hip": {"k": "256"}, ...}``."""
-    out: dict[str, dict[str, str]] = {}
+def _parse_middles(spec: str, items: Optional[Sequence[str]]) -> list[tuple[str, dict[str, str]]]:
+    """Middle variants: ``"hip,triforce_retrieval:budget=1024:retrieval_interval=1"`` plus ``--opt BACKEND:KEY=VALUE``.
+
+    Returns ``[(backend, options), ...]``; ``--opt`` options apply to every variant of that backend.
+    """
+    common: dict[str, dict[str, str]] = {}
     for item in items or []:
         if ":" not in item or "=" not in item:
             raise SystemExit(f"--opt requires BACKEND:KEY=VALUE (got {item!r})")
         backend, kv = item.split(":", 1)
         key, value = kv.split("=", 1)
-        out.setdefault(backend, {})[key] = value
+        common.setdefault(backend, {})[key] = value
+    out = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, *pairs = entry.split(":")
+        opts = dict(common.get(name, {}))
+        for pair in pairs:
+            if "=" not in pair:
+                raise SystemExit(f"--middle entries require NAME[:KEY=VALUE...] (got {entry!r})")
+            key, value = pair.split("=", 1)
+            opts[key] = value
+        out.append((name, opts))
     return out
 
 
@@ -134,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="niah_multivalue", help="RULER NIAH task of the prompt (longctx.tiny)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    p.add_argument("--middle", default=",".join(DEFAULT_MIDDLES), help="comma-separated middle backends (missing ones skipped)")
-    p.add_argument("--opt", action="append", help="middle backend option BACKEND:KEY=VALUE (repeatable)")
+    p.add_argument("--middle", default=",".join(DEFAULT_MIDDLES),
+                   help="comma-separated middle backends, each NAME[:KEY=VALUE...] (unregistered ones skipped)")
+    p.add_argument("--opt", action="append", help="option for every variant of a middle backend, BACKEND:KEY=VALUE")
     p.add_argument("--gamma", type=int, default=None, help="tokens per full-target verification (TriForce default 6)")
     p.add_argument("--draft-gamma", type=int, default=None, help="draft tokens per middle verification (default 2)")
     p.add_argument("--draft-sinks", type=int, default=16)
@@ -170,12 +189,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         eos = None if args.ignore_eos else tok.eos_token_id
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     available = set(longctx.list_backends())
-    middles = [m.strip() for m in args.middle.split(",") if m.strip()]
-    missing = [m for m in middles if m not in available]
+    middles = _parse_middles(args.middle, args.opt)
+    missing = sorted({m for m, _ in middles if m not in available})
     if missing:
         logger.warning("middle backends not registered here, skipped: %s", missing)
-    middles = [m for m in middles if m in available]
-    mopts = _parse_middle_opts(args.opt)
+    middles = [(m, o) for m, o in middles if m in available]
     setup = {"prompt_tokens": ids.shape[1], "context": args.context, "max_new_tokens": args.max_new_tokens,
              "task": "random" if args.random_models else args.task, "threads": args.threads,
              "machine": f"{platform.machine()} {torch.get_num_threads()} thread(s), torch {torch.__version__}",
@@ -198,43 +216,56 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         tf_kwargs["gamma"] = args.gamma
     if args.draft_gamma is not None:
         tf_kwargs["draft_gamma"] = args.draft_gamma
-    for middle in middles:
+    for middle, opts in middles:
         t0 = time.perf_counter()
-        out, st = triforce_generate(target, draft, ids, args.max_new_tokens, middle=middle,
-                                    middle_options=mopts.get(middle), eos_token_id=eos, **tf_kwargs)
+        out, st = triforce_generate(target, draft, ids, args.max_new_tokens, middle=middle, middle_options=opts or None,
+                                    eos_token_id=eos, **tf_kwargs)
         total = time.perf_counter() - t0
         same = out.shape == ref.shape and torch.equal(out, ref)
-        rows.append({"method": f"triforce[{middle}]", "ms_per_token": st.ms_per_token, "prefill_s": st.prefill_s,
-                     "total_s": total, "new_tokens": st.new_tokens, "same_output": same,
+        label = middle + "".join(f" {k}={v}" for k, v in opts.items())
+        d = st.as_dict()
+        rows.append({"method": f"triforce[{label}]", "ms_per_token": st.ms_per_token, "cpu_ms_per_token": st.cpu_ms_per_token,
+                     "prefill_s": st.prefill_s, "total_s": total, "new_tokens": st.new_tokens, "same_output": same,
                      "acceptance_middle": st.acceptance_middle, "acceptance_top": st.acceptance_top,
                      "tokens_per_verification": st.mean_accepted_length,
-                     "target_forwards_per_token": st.target_forwards_per_token, "options": mopts.get(middle, {})})
-    base = rows[0]["ms_per_token"]
+                     "target_forwards_per_token": st.target_forwards_per_token,
+                     "forwards_per_token": (d["draft_forwards_per_token"], d["middle_forwards_per_token"],
+                                            st.target_forwards_per_token),
+                     "options": opts, "stats": d})
+    base, base_cpu = rows[0]["ms_per_token"], rows[0]["cpu_ms_per_token"]
     for r in rows:
         r["speedup"] = base / r["ms_per_token"] if r["ms_per_token"] > 0 else float("nan")
+        r["cpu_speedup"] = base_cpu / r["cpu_ms_per_token"] if r["cpu_ms_per_token"] > 0 else float("nan")
     rows[0]["same_output"] = True
     setup["generated_tokens"] = int(gen.numel())
     return setup, rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """One markdown table: ms/token, speedup, acceptance per level, tokens per verification, ..."""
+    """One markdown table: wall and CPU ms/token with speedups, acceptance per level, forwards per token, ..."""
     def f(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = ["| method | ms/token | speedup | accept middle | accept top | tokens/verif | target fwd/token | prefill s | same output |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    lines = ["| method | ms/token | speedup | CPU ms/token | CPU speedup | accept middle | accept top | tokens/verif "
+             "| fwd/token draft/middle/target | prefill s | same output |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
     for r in rows:
+        fwd = r.get("forwards_per_token")
+        fwd_s = "-" if fwd is None else "/".join(f"{x:.2f}" for x in fwd)
         lines.append(
-            f"| {r['method']} | {r['ms_per_token']:.2f} | {r['speedup']:.2f}x | {f(r.get('acceptance_middle'), '.3f')} | "
-            f"{f(r.get('acceptance_top'), '.3f')} | {f(r.get('tokens_per_verification'), '.2f')} | "
-            f"{f(r.get('target_forwards_per_token'), '.3f')} | {r['prefill_s']:.1f} | {'yes' if r.get('same_output') else 'NO'} |"
+            f"| {r['method']} | {r['ms_per_token']:.2f} | {r['speedup']:.2f}x | {r['cpu_ms_per_token']:.2f} | "
+            f"{r['cpu_speedup']:.2f}x | {f(r.get('acceptance_middle'), '.3f')} | {f(r.get('acceptance_top'), '.3f')} | "
+            f"{f(r.get('tokens_per_verification'), '.2f')} | {fwd_s} | {r['prefill_s']:.1f} | "
+            f"{'yes' if r.get('same_output') else 'NO'} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``longctx bench --speculative``; prints the setup and the table."""
+    argv = list(argv) if argv is not None else None
+    if argv and argv[0] == "--":  # `longctx bench --speculative -- --context 16384 ...`
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -245,7 +245,8 @@ class RetrievalConfig(BackendConfig):
         Tokens moved from the window to the index at once (default 64; the window holds
         between ``window`` and ``window + insert_block - 1`` tokens before a step's new ones).
     num_threads : int
-        OpenMP threads of the index; 0 uses every core (default 0).
+        OpenMP threads of the attention-aware index; 0 follows ``torch.get_num_threads()``
+        (default 0).
     """
 
     n_sink: int = 128

@@ -15,7 +15,6 @@ is imported: Triton decides between compiling and interpreting when the kernel i
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

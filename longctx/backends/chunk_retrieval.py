@@ -99,10 +99,17 @@ def select_chunks(
 
 
 def gather_chunks(x: torch.Tensor, chunks: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Tokens of the given chunks: ``x [B, Hkv, T, D]``, ``chunks [B, Hkv, K]`` -> ``[B, Hkv, K*C, D]``."""
+    """Tokens of the given chunks: ``x [B, Hkv, T, D]``, ``chunks [B, Hkv, K]`` -> ``[B, Hkv, K*C, D]``.
+
+    Indexes whole chunks (rows of ``C*D`` contiguous values) of a strided ``[B*Hkv, N, C*D]``
+    view instead of gathering element by element (about 2x faster on CPU).
+    """
     B, Hkv, K = chunks.shape
-    tok = (chunks.unsqueeze(-1) * chunk_size + torch.arange(chunk_size, device=chunks.device)).reshape(B, Hkv, K * chunk_size)
-    return torch.gather(x, 2, tok.to(x.device).unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+    T, D = x.shape[2], x.shape[3]
+    x = x.contiguous()
+    view = x.as_strided((B * Hkv, T // chunk_size, chunk_size * D), (T * D, chunk_size * D, 1))
+    heads = torch.arange(B * Hkv, device=x.device).repeat_interleave(K)
+    return view[heads, chunks.reshape(-1).to(x.device)].reshape(B, Hkv, K * chunk_size, D)
 
 
 @register_backend("triforce_retrieval", TriForceRetrievalConfig, "TriForce's chunk-retrieval cache (middle level)")
@@ -126,19 +133,14 @@ class TriForceRetrievalLayer(BackendLayer):
         self.fallback_dense = False
         self._steps = 0
         self._retrievals = 0
+        self._reselections = 0
 
-    def _prompt_part(self, k: torch.Tensor, v: torch.Tensor, q_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Select chunks with ``q_last [B, H, D]``; returns the kept prompt K/V ``[B, Hkv, budget + R, D]``."""
+    def _select(self, q_last: torch.Tensor) -> torch.Tensor:
+        """Chunks kept per KV head for the scoring query ``q_last [B, H, D]``: ``[B, Hkv, K]``."""
         C = self.config.chunk_size
-        T = k.shape[2]
-        n = T // C
         recent = min(-(-self.config.local_window // C), self.config.num_chunks - 1)
-        self.chunks = select_chunks(q_last, self.landmarks, self.config.num_chunks, self.ctx.scale, recent)
-        chunks = self.chunks.to(k.device)
-        ks = [gather_chunks(k, chunks, C), k[:, :, n * C :]]  # + the remainder (the most recent prompt tokens)
-        vs = [gather_chunks(v, chunks, C), v[:, :, n * C :]]
         self._retrievals += 1
-        return torch.cat(ks, 2), torch.cat(vs, 2)
+        return select_chunks(q_last, self.landmarks, self.config.num_chunks, self.ctx.scale, recent)
 
     def prefill(self, q, k, v, positions):
         # q: [B, H, Sq, D] (the last Sq prompt queries); k, v: [B, Hkv, S, D] post-RoPE
@@ -150,23 +152,36 @@ class TriForceRetrievalLayer(BackendLayer):
         if self.fallback_dense:
             kk, vv = k, v  # the prompt fits the budget (or the layer is sliding-window): keep it whole
         else:
-            self.landmarks = chunk_means(k, self.config.chunk_size)
-            kk, vv = self._prompt_part(k, v, q[:, :, -1])
+            C = self.config.chunk_size
+            self.landmarks = chunk_means(k, C)
+            self.chunks = self._select(q[:, :, -1])
+            rest = (S // C) * C  # + the remainder: the most recent prompt tokens
+            kk = torch.cat([gather_chunks(k, self.chunks, C), k[:, :, rest:]], 2)
+            vv = torch.cat([gather_chunks(v, self.chunks, C), v[:, :, rest:]], 2)
             if self.config.retrieval_interval > 0:
                 host = self.ctx.host_device
-                self.full = (k.to(host), v.to(host))
+                self.full = (k.to(host).contiguous(), v.to(host).contiguous())
         self.base = kk.shape[2]
         self.kv = GrowingKV(kk, vv, k.device)
         self.attended = None
         return out
 
     def _reretrieve(self, q_last: torch.Tensor) -> None:
-        """Re-select the prompt chunks with ``q_last [B, H, D]``, keeping the generated tokens."""
-        gen_k, gen_v = self.kv.keys()[:, :, self.base :], self.kv.values()[:, :, self.base :]
-        fk, fv = (x.to(q_last.device) for x in self.full)
-        kk, vv = self._prompt_part(fk, fv, q_last)
-        self.base = kk.shape[2]
-        self.kv = GrowingKV(torch.cat([kk, gen_k], 2), torch.cat([vv, gen_v], 2), gen_k.device)
+        """Re-select the prompt chunks with ``q_last [B, H, D]``; the new chunks overwrite the old in place.
+
+        The buffer's layout ``[chunks | remainder | generated]`` keeps its sizes, so the
+        remainder and the generated tokens stay where they are; nothing moves when the
+        selection did not change.
+        """
+        chunks = self._select(q_last)
+        if torch.equal(chunks, self.chunks):
+            return
+        self.chunks = chunks
+        C = self.config.chunk_size
+        n = chunks.shape[-1] * C
+        for buf, full in ((self.kv.k, self.full[0]), (self.kv.v, self.full[1])):
+            buf[:, :, :n].copy_(gather_chunks(full, chunks.to(full.device), C))
+        self._reselections += 1
 
     def decode(self, q, k, v, positions):
         # q: [B, H, S, D]; k, v: [B, Hkv, S, D] new tokens
@@ -208,5 +223,6 @@ class TriForceRetrievalLayer(BackendLayer):
             "keys_per_step": 0 if self.kv is None else self.kv.length,
             "chunks_selected": 0 if self.chunks is None else int(self.chunks.shape[-1]),
             "retrievals": self._retrievals,
+            "reselections": self._reselections,
             "fallback_dense": self.fallback_dense,
         }

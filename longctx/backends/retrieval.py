@@ -6,6 +6,8 @@ exactly. Every other token's K/V goes to the host tier, where an index per query
 (built from the prompt's queries, see :mod:`longctx.index.attention_aware`) finds the
 ``top_k`` keys of each decode query; attention over them runs on the host tier and is
 merged with the static part by a max-shifted log-sum-exp (:func:`longctx.ops.merge_states`).
+The heads of a GQA group attend the union of their retrieved keys (one fused
+:func:`longctx.ops.sparse_attention` call; a superset of each head's own top-k).
 Tokens leaving the window are inserted into the index. Prefill is exact (dense) attention,
 as in the paper.
 
@@ -84,6 +86,7 @@ class RetrievalLayer(BackendLayer):
         self._search_s_last = 0.0
         self._insert_s_total = 0.0
         self._attn_s_last = 0.0
+        self._union_last = 0.0
 
     # ---------------------------------------------------------------- prefill
     def prefill(self, q, k, v, positions):
@@ -94,7 +97,8 @@ class RetrievalLayer(BackendLayer):
             self._fall_back(f"prompt of {T} tokens fits in the static set (n_sink + window = {self.config.static_size})")
         if self._dense is not None:
             return self._dense.prefill(q, k, v, positions)
-        out = grouped_attention(q, k, v, self.ctx.scale, 0, None)
+        # exact prompt attention; q may hold only the last Sq <= T prompt queries (bench)
+        out = grouped_attention(q, k, v, self.ctx.scale, T - q.shape[2], None)
         self.ingest(k, v, q)
         self.attended = None  # prefill is dense: every causal key
         return out
@@ -178,6 +182,7 @@ class RetrievalLayer(BackendLayer):
         out_r, lse_r = self._retrieved_attention(q, ids)
         out, _ = merge_states(out_s, lse_s, out_r.to(device=q.device, dtype=out_s.dtype), lse_r.to(q.device))
         self._attn_s_last = time.perf_counter() - t0
+        self._union_last = float((self._group_union(ids) >= 0).sum()) / (ids.shape[0] * self.ctx.num_kv_heads)
         self._record(q, ids)
         return out
 
@@ -197,35 +202,26 @@ class RetrievalLayer(BackendLayer):
         return torch.stack(ids)
 
     def _retrieved_attention(self, q: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of ``q`` ``[B, H, S, D]`` over its heads' retrieved keys, on the host tier.
+        """Attention of ``q`` ``[B, H, S, D]`` over the retrieved keys, on the host tier.
 
-        Each query head attends its own top-k (the S queries of a verification step share the
-        union of theirs). ``sparse_attention`` selects per KV head, so it runs once per
-        (sequence, query head) on a ``[1, 1, n_offloaded, D]`` view of the host store, which
-        needs no copy.
+        ``sparse_attention`` selects keys per (sequence, KV head), so each query head attends
+        the union of its GQA group's (and a verification step's S queries') retrieved keys: a
+        superset of its own top-k, never less exact, computed in one fused call. The call
+        reads the whole capacity buffer ``[B, Hkv, capacity, D]`` (contiguous, no copy);
+        only rows ``< n_offloaded`` are ever selected.
         """
         B, H, S, D = q.shape
-        G = self.ctx.group_size
+        sel = self._group_union(ids)  # [B, Hkv, G*S*K], -1 = none
         qh = q.detach().to(device="cpu", dtype=torch.float32)
-        out = torch.empty(B, H, S, D, dtype=torch.float32)
-        lse = torch.empty(B, H, S, dtype=torch.float32)
-        n = self.n_offloaded
-        for b in range(B):
-            for h in range(H):
-                sel = ids[b, h].reshape(1, 1, -1)  # [1, 1, S*K]
-                if S > 1:
-                    uniq = torch.unique(sel[sel >= 0])
-                    sel = uniq.reshape(1, 1, -1)
-                kv = h // G
-                o, l = sparse_attention(
-                    qh[b : b + 1, h : h + 1],
-                    self.host_k[b : b + 1, kv : kv + 1, :n],
-                    self.host_v[b : b + 1, kv : kv + 1, :n],
-                    sel,
-                    self.ctx.scale,
-                )
-                out[b, h], lse[b, h] = o[0, 0], l[0, 0]
-        return out, lse
+        return sparse_attention(qh, self.host_k, self.host_v, sel, self.ctx.scale)
+
+    def _group_union(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, H, S, K]`` retrieved rows -> ``[B, Hkv, G*S*K]`` union per KV head (duplicates -> -1)."""
+        B, H = ids.shape[:2]
+        sel = ids.reshape(B, self.ctx.num_kv_heads, -1).sort(dim=-1).values
+        dup = torch.zeros_like(sel, dtype=torch.bool)
+        dup[..., 1:] = sel[..., 1:] == sel[..., :-1]
+        return sel.masked_fill(dup, -1)
 
     def _offload_old(self) -> None:
         """Move the oldest recent tokens beyond ``window`` to the host tier and the index, in blocks."""
@@ -287,11 +283,13 @@ class RetrievalLayer(BackendLayer):
         causal = torch.arange(start, T).unsqueeze(0) <= torch.arange(T - S, T).unsqueeze(1)  # [S, R + S]
         mask[..., start:] = causal
         if ids is not None:
-            b_i, h_i, s_i, k_i = (ids >= 0).nonzero(as_tuple=True)
-            pos = ids[b_i, h_i, s_i, k_i] + self.n_sink_held
-            # a verification step's S queries share the union of their retrieved keys
-            for s in range(S) if S > 1 else (None,):
-                mask[b_i, h_i, s_i if s is None else s, pos] = True
+            # every head of a GQA group attends the group's union, for all S queries
+            G = self.ctx.group_size
+            sel = self._group_union(ids)
+            b_i, kv_i, k_i = (sel >= 0).nonzero(as_tuple=True)
+            pos = sel[b_i, kv_i, k_i] + self.n_sink_held
+            for g in range(G):
+                mask[b_i, kv_i * G + g, :, pos] = True
         self.attended = mask.to(q.device)
 
     # ---------------------------------------------------------------- contract
@@ -344,7 +342,8 @@ class RetrievalLayer(BackendLayer):
         base.update(
             n_static=n_static,
             n_offloaded=self.n_offloaded,
-            keys_per_step=n_static + min(self.config.top_k, self.n_offloaded),
+            # keys each query head attends: the static set + its GQA group's retrieved union
+            keys_per_step=n_static + self._union_last,
             keys_scanned_last=self._scanned_last,
             keys_scanned_per_step=self._scanned_total / steps,
             scan_fraction_last=self._scanned_last / max(self.n_offloaded, 1),

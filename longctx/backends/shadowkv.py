@@ -30,9 +30,20 @@ Differences from the official code (``../shared/reference/shadowkv_triforce.md``
 - any ``sparse_budget / chunk_size`` works (the official kernels launch only for 128..1024);
 - batch > 1, GQA of any ratio, fp32/fp16/bf16 and partial rotary.
 
-The CPU path is torch (batched matmuls and ``index_select``, no Python loop over heads or
-chunks on the decode path); on CUDA the hot steps run Triton kernels
-(:mod:`longctx.triton_kernels.shadowkv_select`, ``shadowkv_reconstruct``, ``shadowkv_gather``).
+Three implementations of the hot steps (landmark scoring, key rebuild + RoPE, value gather),
+picked like the ops (``LONGCTX_OPS=ref|cpp|triton`` forces one):
+
+- CPU: ``longctx._C.shadowkv_scores`` / ``shadowkv_rebuild`` (csrc/shadowkv.cpp, OpenMP,
+  register-blocked AVX-512): landmarks streamed once, missed chunks rebuilt, rotated and
+  written into their slots in one pass;
+- CUDA: Triton kernels (:mod:`longctx.triton_kernels.shadowkv_select`,
+  ``shadowkv_reconstruct``, ``shadowkv_gather``);
+- torch (the reference, any device/dtype): batched matmuls and ``index_select``, no Python
+  loop over heads or chunks.
+
+RoPE of a rebuilt chunk needs cos/sin only at the chunk's first position: the rotation by
+the in-chunk offset c is folded into C rotated copies of SV (checked against the rotary
+once; rotaries that are not additive in position get per-token tables).
 
 Dimension letters: B batch, S query length, T prompt length, H query heads, Hkv KV heads,
 G = H // Hkv, D head dim, r rank, C chunk size, N context chunks (``Nc``), K selected chunks.
@@ -50,6 +61,7 @@ from longctx.backends.base import BackendLayer, LayerContext
 from longctx.backends.dense import grouped_attention
 from longctx.config import SHADOWKV_DEFAULT_RANK, ShadowKVConfig
 from longctx.models import RotaryHelper, rotate_half
+from longctx.ops import sparse_attention
 
 logger = logging.getLogger(__name__)
 
@@ -445,7 +457,11 @@ class ShadowKVLayer(BackendLayer):
         if self.n_select:
             self._select(q)
         n = self.n_fixed + self.n_gen
-        out = attend_exact(q, self.k_buf[:, :, :n], self.v_buf[:, :, :n], self.ctx.scale)
+        keys, values = self.k_buf[:, :, :n], self.v_buf[:, :, :n]
+        if S == 1:  # no mask needed: the ops dispatcher's fused kernel (C++ on CPU, Triton on CUDA)
+            out = sparse_attention(q, keys, values, None, self.ctx.scale)[0]
+        else:  # verification: causal among the S new tokens
+            out = attend_exact(q, keys, values, self.ctx.scale)
         self._steps += 1
         self.attended = self._attended_mask(q) if self.record_attended else None
         return out

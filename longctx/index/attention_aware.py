@@ -8,7 +8,7 @@ VLDB 2024): each training query's top-1 key is linked to its other neighbours (o
 pruning, reverse edges), then every key is linked by a key->key search and unreachable keys
 are attached. A decode query runs a best-first beam search on that graph.
 
-The kNN lists come from faiss (exact inner product); the graph lives in C++
+The kNN lists are exact (a BLAS matmul plus a C++ row top-k); the graph lives in C++
 (``longctx._C.GraphIndex``, OpenMP over heads). Prefill queries beyond
 ``IndexParams.max_train_queries`` per head are evenly subsampled, as RoarGraph builds from a
 query sample; this keeps the kNN at 128K keys from costing as much as the prefill itself.
@@ -35,29 +35,40 @@ def subsample_queries(queries: np.ndarray, max_queries: int) -> np.ndarray:
     return queries[:, rows]
 
 
-def exact_knn(queries: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-``k`` keys by inner product with faiss.
+def exact_knn(queries: np.ndarray, keys: np.ndarray, k: int, num_threads: int = 0) -> np.ndarray:
+    """Exact top-``k`` keys by inner product: one BLAS matmul per block of queries (torch),
+    row-wise selection in C++ (``longctx._C.topk_rows``).
 
     Parameters
     ----------
     queries : ``[H, Nq, D]`` float32; keys : ``[Hkv, N, D]`` float32 (H multiple of Hkv).
+    num_threads : int
+        Selection threads; 0 follows ``torch.get_num_threads()``.
 
     Returns
     -------
     ``[H, Nq, min(k, N)]`` int32 key rows, best first.
     """
-    import faiss
+    import torch
+
+    from longctx import _C
 
     H, nq, D = queries.shape
     Hkv, N, _ = keys.shape
     G = H // Hkv
     k = min(k, N)
     out = np.empty((H, nq, k), dtype=np.int32)
+    if k == 0 or nq == 0:
+        return out
+    threads = num_threads or torch.get_num_threads()
+    rows = max(16, min(G * nq, (1 << 25) // max(N, 1)))  # score blocks of <= 128 MB
     for kv in range(Hkv):
-        xb = np.ascontiguousarray(keys[kv])
-        xq = np.ascontiguousarray(queries[kv * G : (kv + 1) * G].reshape(G * nq, D))
-        _, ids = faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
-        out[kv * G : (kv + 1) * G] = ids.reshape(G, nq, k)
+        xb = torch.from_numpy(np.ascontiguousarray(keys[kv]))  # [N, D]
+        xq = torch.from_numpy(np.ascontiguousarray(queries[kv * G : (kv + 1) * G].reshape(G * nq, D)))
+        ids = out[kv * G : (kv + 1) * G].reshape(G * nq, k)
+        for start in range(0, G * nq, rows):
+            scores = torch.mm(xq[start : start + rows], xb.T)  # [rows, N]
+            ids[start : start + rows] = _C.topk_rows(scores.numpy(), k, threads)
     return out
 
 
@@ -112,9 +123,9 @@ class AttentionAwareIndex(KeyIndex):
                 )
             train = np.ascontiguousarray(subsample_queries(queries, p.max_train_queries), dtype=np.float32)
             self.train_queries = train.shape[1]
-            knn = exact_knn(train, keys, p.build_knn)
+            knn = exact_knn(train, keys, p.build_knn, p.num_threads)
         t1 = time.perf_counter()
-        self._graph.build(keys, knn, p.num_entry, p.num_threads)
+        self._graph.build(keys, knn, p.num_entry, self._threads())
         t2 = time.perf_counter()
         self.knn_seconds, self.graph_seconds = t1 - t0, t2 - t1
         self.build_seconds = t2 - t0
@@ -125,16 +136,21 @@ class AttentionAwareIndex(KeyIndex):
 
     def add(self, keys: np.ndarray) -> None:
         check_keys(keys, self.num_kv_heads, self.head_dim)
-        self._graph.add(keys, self.params.num_threads)
+        self._graph.add(keys, self._threads())
 
     def search(self, queries: np.ndarray, keys: np.ndarray, k: int, ef: Optional[int] = None) -> SearchResult:
         """See :meth:`KeyIndex.search`; ``ef`` overrides ``params.ef_search`` (beam width)."""
         self._check_queries(queries, k)
         check_keys(keys, self.num_kv_heads, self.head_dim)
         width = self.params.ef_search if ef is None else ef
-        ids, scanned = self._graph.search(keys, np.ascontiguousarray(queries, dtype=np.float32), k, width,
-                                          self.params.num_threads)
+        ids, scanned = self._graph.search(keys, np.ascontiguousarray(queries, dtype=np.float32), k, width, self._threads())
         return SearchResult(ids, scanned)
+
+    def _threads(self) -> int:
+        # like the ops' C++ kernels: follow torch's setting so one knob governs both
+        import torch
+
+        return self.params.num_threads or torch.get_num_threads()
 
     def truncate(self, n: int) -> None:
         self._check_truncate(n)

@@ -66,7 +66,8 @@ class IndexParams:
     hnsw_m : int
         HNSW: links per node. Default 32.
     num_threads : int
-        OpenMP threads for build and search; 0 uses every core. Default 0.
+        OpenMP threads of the attention-aware index; 0 follows ``torch.get_num_threads()``
+        (faiss indexes use faiss' own setting). Default 0.
     """
 
     ef_search: int = 128

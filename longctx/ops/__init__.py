@@ -11,6 +11,7 @@ everywhere), Triton (:mod:`longctx.triton_kernels`, used on CUDA) and C++ with O
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -46,6 +47,7 @@ def cpp_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)  # the dispatcher asks on every call
 def cpp_isa() -> Optional[str]:
     """Instruction set the C++ kernel was built for: ``"avx512"``, ``"avx2"``, ``"portable"``; None if not built."""
     try:
@@ -71,7 +73,7 @@ def pick_impl(
 
     Per device: Triton on CUDA. On CPU, C++ where it was measured faster than the torch
     reference (BENCHMARKS.md, "ops (sparse_attention)"): always when the extension was built
-    with SIMD kernels (AVX-512 or AVX2, 1.5-9x faster for S = 1..256, dense and sparse); for a
+    with SIMD kernels (AVX-512 or AVX2: 1.5-10x faster for S = 1..256, dense and sparse); for a
     portable build only for sparse selections (``sparse=True``) with at most
     ``CPP_PORTABLE_MAX_ROWS`` query rows per KV head (``rows = G*S``; decode, verification).
     If ``rows``/``sparse`` are not given, C++ whenever it is built. Otherwise the reference.

@@ -15,7 +15,9 @@ by a tree search:
 
 Attention then runs causally over the K blocks, the sink tokens and a local window.
 
-Geometry of query block i (queries ``[qs_i, qe_i)``, absolute positions):
+Query blocks are consecutive runs of ``b_q`` queries from the first query given (a decode
+step of S <= b_q queries is one block). Geometry of query block i (queries ``[qs_i, qe_i)``,
+absolute positions):
 
 - sink region: keys ``[0, sink_blocks * b_k)``;
 - local region: keys ``[local_start_i, qe_i)`` with

@@ -75,6 +75,7 @@ class TriForceStats:
     committed: int = 0  # tokens committed by the verifications (every token but the first)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    decode_cpu_s: float = 0.0  # process CPU time of the decode (steadier than wall time on a shared machine)
     draft_s: float = 0.0  # decode wall time inside each level's forwards (host-side timing)
     middle_s: float = 0.0
     top_s: float = 0.0
@@ -104,10 +105,15 @@ class TriForceStats:
         """Decode wall time per generated token after the first (which the prefill gives)."""
         return 1000.0 * self.decode_s / max(self.committed, 1)
 
+    @property
+    def cpu_ms_per_token(self) -> float:
+        """Decode process CPU time per generated token after the first."""
+        return 1000.0 * self.decode_cpu_s / max(self.committed, 1)
+
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         for name in ("acceptance_middle", "acceptance_top", "mean_accepted_length", "target_forwards_per_token",
-                     "ms_per_token"):
+                     "ms_per_token", "cpu_ms_per_token"):
             out[name] = getattr(self, name)
         out["middle_forwards_per_token"] = self.middle_forwards / max(self.committed, 1)
         out["mean_draft_length"] = self.draft_proposed / max(self.middle_forwards, 1)
@@ -340,11 +346,11 @@ class TriForceEngine:
         for level in (self.draft, self.middle, self.top):
             level.seconds = 0.0
         finished = _hits(seq.ids[:, P:], eos)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         while len(seq) - P < max_new_tokens and not bool(finished.all()):
             new = self.step(seq, max_new_tokens - (len(seq) - P))
             finished |= _hits(new, eos)
-        st.decode_s = time.perf_counter() - t0
+        st.decode_s, st.decode_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         st.top_forwards, st.middle_forwards = self.top.forwards - 1, self.middle.forwards - 1
         st.draft_forwards = self.draft.forwards - 1
         st.draft_s, st.middle_s, st.top_s = self.draft.seconds, self.middle.seconds, self.top.seconds

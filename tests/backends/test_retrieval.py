@@ -21,6 +21,19 @@ CTX = LayerContext(num_heads=8, num_kv_heads=2, head_dim=16)
 ATOL, RTOL = 2e-5, 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # tiny problems: OpenMP barriers cost more than they save, badly so on a loaded machine
+    import faiss
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
 def _qkv(gen, B, S, ctx=CTX):
     q = torch.randn(B, ctx.num_heads, S, ctx.head_dim, generator=gen)
     k = torch.randn(B, ctx.num_kv_heads, S, ctx.head_dim, generator=gen)
@@ -61,6 +74,17 @@ def test_equals_dense_when_top_k_covers_offloaded(gen, index):
     assert not stats["fallback_dense"] and stats["decode_steps"] == 8
     assert stats["n_offloaded"] > 300 - 8 - 32  # decoded tokens were inserted
     assert layer.seq_length == 300 + 13
+
+
+def test_prefill_with_only_the_last_queries(gen):
+    # the bench passes only the last Sq prompt queries: they attend causally from T - Sq
+    q, k, v = _qkv(gen, 1, 400)
+    layer = make_layer("retrieval", CTX, n_sink=8, window=32, top_k=1000)
+    dense = make_layer("dense", CTX)
+    torch.testing.assert_close(layer.prefill(q[:, :, -5:], k, v, None), dense.prefill(q[:, :, -5:], k, v, None),
+                               atol=ATOL, rtol=RTOL)
+    q1, k1, v1 = _qkv(gen, 1, 1)
+    torch.testing.assert_close(layer.decode(q1, k1, v1, None), dense.decode(q1, k1, v1, None), atol=ATOL, rtol=RTOL)
 
 
 def test_rollback_inside_and_beyond_window(gen):
@@ -132,7 +156,8 @@ def test_needle_is_retrieved_with_small_top_k(gen):
     stats = layer.stats()
     assert 0 < stats["keys_scanned_last"] <= stats["n_offloaded"]
     assert 0 < stats["scan_fraction_last"] <= 1.0
-    assert stats["keys_per_step"] == stats["n_static"] + 4
+    # the heads of a GQA group attend the union of their top-4
+    assert stats["n_static"] + 4 <= stats["keys_per_step"] <= stats["n_static"] + 4 * CTX.group_size
 
 
 def test_short_prompt_falls_back_to_dense(gen, caplog):
@@ -147,7 +172,7 @@ def test_short_prompt_falls_back_to_dense(gen, caplog):
 
 def test_memory_per_tier_and_attended_mask(gen):
     B, T = 2, 500
-    layer = make_layer("retrieval", CTX, n_sink=16, window=64, top_k=10)
+    layer = make_layer("retrieval", CTX, n_sink=16, window=64, top_k=10, index="flat")
     q, k, v = _qkv(gen, B, T)
     layer.prefill(q, k, v, None)
     D = CTX.head_dim
@@ -155,11 +180,20 @@ def test_memory_per_tier_and_attended_mask(gen):
     assert mem["device"] == 2 * B * CTX.num_kv_heads * (16 + 64) * D * 4
     assert mem["host"] >= 2 * B * CTX.num_kv_heads * (T - 80) * D * 4  # fp32 K/V store + index
     layer.record_attended = True
-    layer.decode(*_qkv(gen, B, 1), None)
+    q1, k1, v1 = _qkv(gen, B, 1)
+    layer.decode(q1, k1, v1, None)
     att = layer.attended
     assert att.shape == (B, CTX.num_heads, 1, T + 1)
     assert att[..., :16].all() and att[..., T - 64 :].all()
-    assert (att[..., 16 : T - 64].sum(-1) == 10).all()  # exactly the top-10 of each head
+    # each head attends its GQA group's union of top-10s: its own exact top-10, at most G*10
+    offloaded = att[..., 16 : T - 64]
+    counts = offloaded.sum(-1)
+    assert ((counts >= 10) & (counts <= 10 * CTX.group_size)).all()
+    grouped = att.reshape(B, CTX.num_kv_heads, CTX.group_size, 1, T + 1)
+    assert (grouped == grouped[:, :, :1]).all()
+    keys = k[:, :, 16 : T - 64].repeat_interleave(CTX.group_size, dim=1)  # [B, H, n, D]
+    top = torch.einsum("bhsd,bhnd->bhsn", q1, keys).topk(10, dim=-1).indices
+    assert offloaded.gather(-1, top).all()
 
 
 def test_bad_config():

@@ -368,6 +368,96 @@ def test_generates_4k_tokens_without_cap(gen):
     assert sk.seq_length == T + steps and sk.stats()["keys_per_step"] == T + steps
 
 
+# ----------------------------------------------------------------------------- C++ kernels (CPU path)
+def _rebuild_ref(u, sv, chunks, slots, counts, cos, sin, out_k, v_src, out_v, Hkv):
+    rows, M = chunks.shape
+    C = out_k.shape[2]
+    Tc = u.shape[0] // (rows // Hkv)
+    Cs, Cc, R = sv.shape[0] // rows, cos.shape[2], cos.shape[3]
+    for row in range(rows):
+        for j in range(int(counts[row])):
+            ch, sl = int(chunks[row, j]), int(slots[row, j])
+            for c in range(C):
+                x = u[(row // Hkv) * Tc + ch * C + c] @ sv[row * Cs + (c if Cs > 1 else 0)]
+                cs, sn = cos[row, j, c if Cc > 1 else 0], sin[row, j, c if Cc > 1 else 0]
+                y = x.clone()
+                y[:R] = x[:R] * cs + torch.cat([-x[R // 2 : R], x[: R // 2]]) * sn
+                out_k[row, sl, c] = y
+                out_v[row, sl, c] = v_src[row, ch, c]
+
+
+@pytest.mark.parametrize("D, folded, R", [(64, True, 64), (64, False, 32), (24, True, 16)])
+def test_cpp_kernels_match_reference(gen, D, folded, R):
+    from longctx.ops import cpp_available
+
+    if not cpp_available():
+        pytest.skip("longctx._C not built")
+    from longctx import _C
+
+    # scores: GS = 5 rows (a group of 4 and 1), N = 200 (3 full tiles of 64 and a tail)
+    rows, GS, N = 3, 5, 200
+    q = torch.randn(rows, GS, D, generator=gen)
+    lm = torch.randn(rows, D, N, generator=gen)
+    bias = torch.zeros(rows, N)
+    bias[0, 10:50] = float("-inf")
+    bias[2] = float("-inf")  # every chunk removed: scores 0
+    for b in (bias, None):
+        got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), lm.numpy(), None if b is None else b.numpy(), 0.3, 2))
+        ref = landmark_scores(q.view(1, rows * GS, 1, D), lm.transpose(1, 2).unsqueeze(0), None if b is None else b[None], 0.3)
+        torch.testing.assert_close(got, ref.view(rows, N), atol=1e-6, rtol=1e-5)
+    # rebuild: 2 sequences x 2 KV heads, strided destinations
+    B, Hkv, C, Nc, r, K, M = 2, 2, 4, 30, 12, 9, 7
+    rows = B * Hkv
+    u = torch.randn(B * Nc * C, r, generator=gen)
+    sv = torch.randn(rows * (C if folded else 1), r, D, generator=gen)
+    chunks = torch.stack([torch.randperm(Nc, generator=gen)[:M] for _ in range(rows)])
+    slots = torch.stack([torch.randperm(K, generator=gen)[:M] for _ in range(rows)])
+    counts = torch.tensor([7, 0, 3, 6])
+    cc = 1 if folded else C
+    cos, sin = torch.randn(rows, M, cc, R, generator=gen), torch.randn(rows, M, cc, R, generator=gen)
+    v_src = torch.randn(rows, Nc, C, D, generator=gen)
+    outs = []
+    for fn in ("cpp", "ref"):
+        k_buf, v_buf = torch.zeros(rows, K + 3, C, D), torch.zeros(rows, K + 3, C, D)
+        ok, ov = k_buf[:, 2:-1], v_buf[:, 2:-1]  # strided views, like the device buffer's selected region
+        if fn == "cpp":
+            _C.shadowkv_rebuild(u.numpy(), sv.numpy(), chunks.numpy(), slots.numpy(), counts.numpy(), cos.numpy(),
+                                sin.numpy(), ok.numpy(), v_src.numpy(), ov.numpy(), Hkv, 2)
+        else:
+            _rebuild_ref(u, sv, chunks, slots, counts, cos, sin, ok, v_src, ov, Hkv)
+        outs.append((k_buf, v_buf))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][0][1].eq(0).all()  # count 0 writes nothing
+    with pytest.raises(ValueError, match="chunk ids must be in"):
+        bad = chunks.clone()
+        bad[0, 0] = Nc
+        _C.shadowkv_rebuild(u.numpy(), sv.numpy(), bad.numpy(), slots.numpy(), counts.numpy(), cos.numpy(),
+                            sin.numpy(), ok.numpy(), v_src.numpy(), ov.numpy(), Hkv, 1)
+
+
+@pytest.mark.parametrize("D", [64, 32])
+def test_backend_cpp_path_matches_torch(gen, monkeypatch, D):
+    from longctx.ops import cpp_available
+
+    if not cpp_available():
+        pytest.skip("longctx._C not built")
+    H, Hkv, T, B = 4, 2, 700, 2
+    ctx = _ctx(H, Hkv, D)
+    outs, layers = {}, {}
+    for impl in ("ref", "cpp"):
+        monkeypatch.setenv("LONGCTX_OPS", impl)
+        layer = make_layer("shadowkv", ctx, sparse_budget=64, rank=24)
+        g = torch.Generator().manual_seed(9)
+        outs[impl] = [o[0] for o in _run_pair([layer], g, B, H, Hkv, D, T, steps=6, verify_at=(2,))]
+        layers[impl] = layer
+        assert layer._impl(torch.device("cpu")) == ("torch" if impl == "ref" else "cpp")
+    for a, b in zip(outs["ref"], outs["cpp"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    sa, sb = layers["ref"].stats(), layers["cpp"].stats()
+    assert sa["hit_rate"] == sb["hit_rate"] and sa["rebuilt_tokens"] == sb["rebuilt_tokens"]
+
+
 # ----------------------------------------------------------------------------- Triton kernels (interpreter)
 def test_triton_kernels_in_interpreter():
     """Kernels vs references, and the backend's Triton path vs its torch path, under TRITON_INTERPRET=1.

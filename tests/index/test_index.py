@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from longctx.config import RETRIEVAL_INDEX_TYPES
 from longctx.index import (
@@ -18,6 +19,19 @@ from longctx.index import (
 from longctx.index.synthetic import ood_dataset
 
 H, HKV, D = 4, 2, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # tiny problems: OpenMP barriers cost more than they save, badly so on a loaded machine
+    import faiss
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
 
 
 @pytest.fixture(scope="module")

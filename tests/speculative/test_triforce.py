@@ -165,3 +165,25 @@ def test_bad_inputs_raise_clear_errors(gen):
     with pytest.raises(ValueError, match="draft_model="):
         target.generate(ids, max_new_tokens=4, custom_generate=triforce_decoding)
     assert target.config._attn_implementation != "longctx"
+
+
+# ------------------------------------------------------------------------------------ bundled models
+@pytest.mark.slow
+@pytest.mark.parametrize("middle,options", [("triforce_retrieval", dict(budget=1024)),
+                                            ("triforce_retrieval", dict(budget=1024, retrieval_interval=1)),
+                                            ("shadowkv", dict(sparse_budget=1024)), ("hip", None)])
+def test_bundled_models_greedy_lossless_at_4k(middle, options):
+    hub = pytest.importorskip("longctx.hub")
+    try:
+        target, tok = hub.load_tiny("tiny")
+        draft, _ = hub.load_tiny("tiny-draft")
+    except FileNotFoundError:
+        pytest.skip("bundled models not installed")
+    if middle not in longctx.list_backends():
+        pytest.skip(f"{middle} not registered")
+    from longctx.eval.bench_speculative import _prompt
+
+    ids = _prompt(tok, "niah_multivalue", 4096, 0, 32)
+    ref = target.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+    out, _ = triforce_generate(target, draft, ids, 32, middle=middle, middle_options=options, eos_token_id=tok.eos_token_id)
+    assert torch.equal(out, ref)

@@ -1,0 +1,216 @@
+"""RetrievalAttention speed on one layer: decode step vs dense, index build time vs prefill.
+
+One Llama-3.1-8B-shaped attention layer (H=32, Hkv=8, D=128, fp32, batch 1 by default) at
+a long context. Keys and queries come from :func:`longctx.index.synthetic.ood_dataset`
+(queries out of distribution with the keys, as in real heads; random values), so the index
+does realistic work. The retrieval layer is filled with :meth:`RetrievalLayer.ingest` (the
+prompt's K/V plus its training queries: the index build is timed on its own), the dense
+layer with the same K/V; then both decode the same steps and the medians are compared.
+
+The dense prefill of such a layer is not run at the full context (its attention is
+quadratic: hours on a laptop CPU); it is timed at ``--prefill-context`` tokens and scaled by
+the square of the context ratio, which is what the index build is compared with.
+
+Run ``python -m longctx.eval.bench_retrieval --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from longctx.backends import LayerContext, make_layer
+from longctx.index import exact_topk, recall_at_k
+from longctx.index.synthetic import ood_dataset
+from longctx.ops import sparse_attention
+
+logger = logging.getLogger(__name__)
+
+
+def _median_ms(times: list[float]) -> float:
+    return round(1e3 * statistics.median(times), 2)
+
+
+def dense_prefill_ms(ctx: LayerContext, T: int, seed: int = 0) -> float:
+    """Wall time of a dense causal prefill over ``T`` tokens (all T queries) of one layer."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, ctx.num_heads, T, ctx.head_dim, generator=g)
+    k = torch.randn(1, ctx.num_kv_heads, T, ctx.head_dim, generator=g)
+    v = torch.randn(1, ctx.num_kv_heads, T, ctx.head_dim, generator=g)
+    layer = make_layer("dense", ctx)
+    t0 = time.perf_counter()
+    layer.prefill(q, k, v, None)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def run_decode_speed(
+    context: int = 131072,
+    *,
+    num_heads: int = 32,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    batch: int = 1,
+    options: Optional[dict[str, Any]] = None,
+    repeats: int = 9,
+    warmup: int = 2,
+    prefill_context: int = 8192,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time a retrieval layer's decode step against dense attention over the same cache.
+
+    Returns
+    -------
+    dict
+        ``dense_decode_ms`` (DenseLayer.decode), ``dense_attention_ms`` (the attention alone,
+        grouped matmuls over the cache), ``retrieval_decode_ms``, ``speedup`` (vs the faster
+        dense number), ``search_ms`` / ``retrieved_attention_ms`` per step, ``keys_scanned``,
+        ``recall@top_k`` of the retrieved keys, ``index_build_s`` (and its kNN / graph parts),
+        ``dense_prefill_attention_s_estimate`` and the memory per tier of both layers. The
+        dense attention is timed on contiguous K/V with the torch reference (grouped
+        matmuls) and the C++ kernel; the faster one is the baseline.
+    """
+    options = {"top_k": 100, "index": "attention_aware", **(options or {})}
+    ctx = LayerContext(layer_idx=0, num_layers=1, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    n_steps = repeats + warmup
+    t0 = time.perf_counter()
+    n_train = int(options.get("max_train_queries", 4096))
+    data = ood_dataset(num_heads, num_kv_heads, context, head_dim, n_train=n_train, n_test=n_steps * batch, seed=seed)
+    k = torch.from_numpy(data.keys).unsqueeze(0).expand(batch, -1, -1, -1)  # [B, Hkv, T, D]
+    g = torch.Generator().manual_seed(seed + 1)
+    v = torch.randn(batch, num_kv_heads, context, head_dim, generator=g)
+    train = torch.from_numpy(data.train_queries).unsqueeze(0).expand(batch, -1, -1, -1)
+    test = torch.from_numpy(data.test_queries).reshape(num_heads, n_steps, batch, head_dim)
+    logger.info("data generated in %.1fs", time.perf_counter() - t0)
+
+    # -- retrieval layer: store + index build, timed
+    ret = make_layer("retrieval", ctx, **options)
+    t0 = time.perf_counter()
+    ret.ingest(k, v, train)
+    ingest_s = time.perf_counter() - t0
+    index0 = ret.indexes[0]
+    logger.info("retrieval ingest %.1fs", ingest_s)
+
+    # -- dense layer over the same cache (one prompt query: no quadratic prefill)
+    dense = make_layer("dense", ctx)
+    dense.prefill(train[:, :, -1:].contiguous(), k.contiguous(), v, None)
+    del train
+    gc.collect()
+
+    # the dense attention alone, on contiguous K/V (grouped matmuls: torch reference and C++ kernel)
+    k_c, v_c = k.contiguous(), v.contiguous()
+    times = {"dense": [], "dense_attn_ref": [], "dense_attn_cpp": [], "retrieval": []}
+    search, attn, scanned, recalls = [], [], [], []
+    for step in range(n_steps):
+        q1 = test[:, step].permute(1, 0, 2).unsqueeze(2).contiguous()  # [B, H, 1, D]
+        k1 = torch.randn(batch, num_kv_heads, 1, head_dim, generator=g)
+        v1 = torch.randn(batch, num_kv_heads, 1, head_dim, generator=g)
+        t0 = time.perf_counter()
+        dense.decode(q1, k1, v1, None)
+        t1 = time.perf_counter()
+        sparse_attention(q1, k_c, v_c, None, ctx.scale, impl="ref")
+        t2 = time.perf_counter()
+        sparse_attention(q1, k_c, v_c, None, ctx.scale, impl="cpp")
+        t3 = time.perf_counter()
+        ret.decode(q1, k1, v1, None)
+        t4 = time.perf_counter()
+        if step < warmup:
+            continue
+        times["dense"].append(t1 - t0)
+        times["dense_attn_ref"].append(t2 - t1)
+        times["dense_attn_cpp"].append(t3 - t2)
+        times["retrieval"].append(t4 - t3)
+        st = ret.stats()
+        search.append(st["search_s_last"])
+        attn.append(st["retrieved_attention_s_last"])
+        scanned.append(st["keys_scanned_last"])
+        if step == warmup:
+            # recall of the retrieved keys against the exact top-k (one step; keys of sequence 0)
+            n = ret.n_offloaded
+            res = index0.search(q1[0, :, :, :].to(torch.float32).numpy(), ret._keys_view(0), ret.config.top_k)
+            truth = exact_topk(q1[0].numpy(), ret._keys_view(0), ret.config.top_k)
+            recalls.append(recall_at_k(res.ids, truth))
+            logger.info("recall@%d at step %d over %d offloaded keys: %.3f", ret.config.top_k, step, n, recalls[-1])
+    dense_ms, ref_ms, cpp_ms, ret_ms = (_median_ms(times[x]) for x in ("dense", "dense_attn_ref", "dense_attn_cpp", "retrieval"))
+    dense_attn_ms = min(ref_ms, cpp_ms)
+    prefill_ms = dense_prefill_ms(ctx, prefill_context)
+    scale = (context / prefill_context) ** 2
+    stats = ret.stats()
+    row = {
+        "context": context,
+        "shape": f"H={num_heads} Hkv={num_kv_heads} D={head_dim} fp32 batch {batch}",
+        "options": options,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "dense_decode_ms": dense_ms,
+        "dense_attention_ms": dense_attn_ms,
+        "dense_attention_ref_ms": ref_ms,
+        "dense_attention_cpp_ms": cpp_ms,
+        "retrieval_decode_ms": ret_ms,
+        "speedup": round(min(dense_ms, dense_attn_ms) / ret_ms, 2),
+        "search_ms": _median_ms(search),
+        "retrieved_attention_ms": _median_ms(attn),
+        "keys_scanned": round(float(np.median(scanned)), 1),
+        "scan_fraction": round(float(np.median(scanned)) / stats["n_offloaded"], 5),
+        f"recall@{options['top_k']}": round(float(np.mean(recalls)), 4),
+        "index_build_s": round(ret.build_seconds, 1),
+        "knn_s": round(sum(getattr(i, "knn_seconds", 0.0) for i in ret.indexes), 1),
+        "graph_s": round(sum(getattr(i, "graph_seconds", 0.0) for i in ret.indexes), 1),
+        "ingest_s": round(ingest_s, 1),
+        "train_queries_per_head": n_train,
+        f"dense_prefill_s_at_{prefill_context}": round(prefill_ms / 1e3, 2),
+        "dense_prefill_attention_s_estimate": round(prefill_ms * scale / 1e3, 1),
+        "retrieval_memory": ret.memory(),
+        "dense_memory": dense.memory(),
+    }
+    return row
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m longctx.eval.bench_retrieval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--heads", default="32,8", help="query heads,KV heads")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="RetrievalConfig option (repeatable)")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--prefill-context", type=int, default=8192, help="context of the timed dense prefill")
+    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    p.add_argument("--json", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    H, Hkv = (int(x) for x in args.heads.split(","))
+    opts = dict(item.split("=", 1) for item in args.opt or [])
+    from longctx.config import RetrievalConfig
+
+    options = RetrievalConfig.from_options(opts).to_dict()
+    options = {key: options[key] for key in opts}
+    row = run_decode_speed(args.context, num_heads=H, num_kv_heads=Hkv, head_dim=args.head_dim, batch=args.batch,
+                           options=options, repeats=args.repeats, warmup=args.warmup,
+                           prefill_context=args.prefill_context, seed=args.seed)
+    print(json.dumps(row, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""``longctx bench --speculative``: runs end to end on random models and prints one table."""
+from __future__ import annotations
+
+import json
+
+from longctx.cli import main
+
+
+def test_bench_speculative_table(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    rc = main(["bench", "--speculative", "--", "--random-models", "--context", "200", "--max-new-tokens", "6",
+               "--middle", "triforce_retrieval:budget=64,streaming:window=32,nope", "--gamma", "3",
+               "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| autoregressive |" in text and "| assisted |" in text and "triforce[triforce_retrieval budget=64]" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows][-2:] == ["triforce[triforce_retrieval budget=64]", "triforce[streaming window=32]"]
+    assert all(r["same_output"] for r in rows)  # greedy: every method returns the target's own output
+    assert all(r["ms_per_token"] > 0 and r["speedup"] > 0 for r in rows)
