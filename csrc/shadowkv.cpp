@@ -19,7 +19,9 @@
 #include <omp.h>
 #if defined(__AVX512F__)
 #pragma GCC diagnostic push
+// gcc 12 flags the _mm*_undefined_* placeholders inside its own AVX-512 headers
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #endif
@@ -62,21 +64,37 @@ int resolve_threads(int num_threads) { return num_threads > 0 ? num_threads : om
 // plain loops for other CPUs and ragged sizes. Accumulators stay in registers: the memory traffic
 // is one read of each landmark / SV element per tile.
 
+// Landmarks are fp32, or bf16 passed as uint16 bit patterns (bf16 -> fp32 is a 16-bit left shift).
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // lg[g * ldo + n] (n < 64) = sum_d qs[g * D + d] * L[d * N + n]   for g < NR  (qs already scaled)
-template <int NR>
-void score_tile64(const float* qs, const float* L, int64_t N, int64_t D, float* lg, int64_t ldo) {
+template <int NR, typename T>
+void score_tile64(const float* qs, const T* L, int64_t N, int64_t D, float* lg, int64_t ldo) {
 #if defined(__AVX512F__)
   __m512 acc[NR][4];
   for (int g = 0; g < NR; ++g)
     for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
-    const float* ld = L + d * N;
-    // rows d are N floats apart (a different page each): prefetch a few rows ahead, the hardware won't
+    const T* ld = L + d * N;
+    // rows d are N elements apart (a different page each): prefetch a few rows ahead, the hardware won't
     const int64_t dp = d + kPrefetchRows;  // past the last row: the next tile's first rows (a hint, never faults)
-    const float* pf = dp < D ? L + dp * N : L + 64 + (dp - D) * N;
-    for (int j = 0; j < 64; j += 16) _mm_prefetch(reinterpret_cast<const char*>(pf + j), _MM_HINT_T0);
-    const __m512 l0 = _mm512_loadu_ps(ld), l1 = _mm512_loadu_ps(ld + 16), l2 = _mm512_loadu_ps(ld + 32),
-                 l3 = _mm512_loadu_ps(ld + 48);
+    const T* pf = dp < D ? L + dp * N : L + 64 + (dp - D) * N;
+    for (int64_t j = 0; j < 64 * static_cast<int64_t>(sizeof(T)); j += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(pf) + j, _MM_HINT_T0);
+    const __m512 l0 = load16(ld), l1 = load16(ld + 16), l2 = load16(ld + 32), l3 = load16(ld + 48);
     for (int g = 0; g < NR; ++g) {
       const __m512 qv = _mm512_set1_ps(qs[g * D + d]);
       acc[g][0] = _mm512_fmadd_ps(qv, l0, acc[g][0]);
@@ -90,11 +108,11 @@ void score_tile64(const float* qs, const float* L, int64_t N, int64_t D, float* 
 #else
   float acc[NR][64] = {};
   for (int64_t d = 0; d < D; ++d) {
-    const float* ld = L + d * N;
+    const T* ld = L + d * N;
     for (int g = 0; g < NR; ++g) {
       const float qv = qs[g * D + d];
 #pragma omp simd
-      for (int n = 0; n < 64; ++n) acc[g][n] += qv * ld[n];
+      for (int n = 0; n < 64; ++n) acc[g][n] += qv * to_f32(ld[n]);
     }
   }
   for (int g = 0; g < NR; ++g) std::copy(acc[g], acc[g] + 64, lg + g * ldo);
@@ -147,17 +165,18 @@ void exp_inplace(float* x, int64_t len) {
 
 // Logits of GS rows for landmarks [n0, n0 + len): full 64-wide tiles through score_tile64 (rows in groups
 // of up to 4), the ragged tail with plain loops.
-void score_block(const float* qs, int64_t GS, const float* L, int64_t N, int64_t D, int64_t n0, int64_t len, float* lg) {
+template <typename T>
+void score_block(const float* qs, int64_t GS, const T* L, int64_t N, int64_t D, int64_t n0, int64_t len, float* lg) {
   const int64_t full = len / 64 * 64;
   for (int64_t t = 0; t < full; t += 64) {
     for (int64_t g0 = 0; g0 < GS; g0 += 4) {
       const float* qg = qs + g0 * D;
       float* out = lg + g0 * N + n0 + t;
       switch (std::min<int64_t>(4, GS - g0)) {
-        case 1: score_tile64<1>(qg, L + n0 + t, N, D, out, N); break;
-        case 2: score_tile64<2>(qg, L + n0 + t, N, D, out, N); break;
-        case 3: score_tile64<3>(qg, L + n0 + t, N, D, out, N); break;
-        default: score_tile64<4>(qg, L + n0 + t, N, D, out, N); break;
+        case 1: score_tile64<1, T>(qg, L + n0 + t, N, D, out, N); break;
+        case 2: score_tile64<2, T>(qg, L + n0 + t, N, D, out, N); break;
+        case 3: score_tile64<3, T>(qg, L + n0 + t, N, D, out, N); break;
+        default: score_tile64<4, T>(qg, L + n0 + t, N, D, out, N); break;
       }
     }
   }
@@ -166,9 +185,9 @@ void score_block(const float* qs, int64_t GS, const float* L, int64_t N, int64_t
     for (int64_t d = 0; d < D; ++d)
       for (int64_t g = 0; g < GS; ++g) {
         const float qv = qs[g * D + d];
-        const float* ld = L + d * N + n0;
+        const T* ld = L + d * N + n0;
         float* o = lg + g * N + n0;
-        for (int64_t n = full; n < len; ++n) o[n] += qv * ld[n];
+        for (int64_t n = full; n < len; ++n) o[n] += qv * to_f32(ld[n]);
       }
   }
 }
@@ -222,13 +241,10 @@ void gemm_rows_n(int nt, const float* const* a, const float* S, int64_t r, int64
 }
 
 // ------------------------------------------------------------------------------------ scores
-py::array_t<float> shadowkv_scores(const FArray& q, const FArray& lm, const std::optional<FArray>& bias, double scale,
-                                   int num_threads) {
-  if (q.ndim() != 3) throw py::value_error("shadowkv_scores: q requires [rows, GS, D] (got " + shape_of(q) + ")");
-  if (lm.ndim() != 3 || lm.shape(0) != q.shape(0) || lm.shape(1) != q.shape(2))
-    throw py::value_error("shadowkv_scores: landmarks require [rows, D, N] matching q " + shape_of(q) + " (got " +
-                          shape_of(lm) + ")");
-  const int64_t rows = q.shape(0), GS = q.shape(1), D = q.shape(2), N = lm.shape(2);
+template <typename T>
+py::array_t<float> scores_impl(const FArray& q, const T* lp, int64_t N, const std::optional<FArray>& bias, double scale,
+                               int num_threads) {
+  const int64_t rows = q.shape(0), GS = q.shape(1), D = q.shape(2);
   if (bias && (bias->ndim() != 2 || bias->shape(0) != rows || bias->shape(1) != N))
     throw py::value_error("shadowkv_scores: bias requires [rows, N] (got " + shape_of(*bias) + ")");
   py::array_t<float> out({rows, N});
@@ -237,7 +253,6 @@ py::array_t<float> shadowkv_scores(const FArray& q, const FArray& lm, const std:
   std::vector<float> logits(static_cast<size_t>(rows * GS * N));
   std::vector<float> part_m(static_cast<size_t>(rows * GS * nb)), part_l(part_m.size()), lse(static_cast<size_t>(rows * GS));
   const float* qp = q.data();
-  const float* lp = lm.data();
   const float* bp = bias ? bias->data() : nullptr;
   float* op = out.mutable_data();
   const float fscale = static_cast<float>(scale);
@@ -299,6 +314,24 @@ py::array_t<float> shadowkv_scores(const FArray& q, const FArray& lm, const std:
     }
   }
   return out;
+}
+
+// Landmarks: fp32, or bf16 given as int16/uint16 bit patterns ([rows, D, N], C order).
+py::array_t<float> shadowkv_scores(const FArray& q, const py::array& lm, const std::optional<FArray>& bias, double scale,
+                                   int num_threads) {
+  if (q.ndim() != 3) throw py::value_error("shadowkv_scores: q requires [rows, GS, D] (got " + shape_of(q) + ")");
+  if (lm.ndim() != 3 || lm.shape(0) != q.shape(0) || lm.shape(1) != q.shape(2))
+    throw py::value_error("shadowkv_scores: landmarks require [rows, D, N] matching q " + shape_of(q) + " (got " +
+                          shape_of(lm) + ")");
+  const int64_t N = lm.shape(2);
+  if (lm.dtype().itemsize() == 2 && lm.dtype().kind() == 'i') {  // torch bf16 viewed as int16: no copy
+    const auto bits = py::array_t<int16_t, py::array::c_style>::ensure(lm);
+    if (!bits) throw py::value_error("shadowkv_scores: bf16 landmarks require a C-contiguous int16 view");
+    return scores_impl<uint16_t>(q, reinterpret_cast<const uint16_t*>(bits.data()), N, bias, scale, num_threads);
+  }
+  const auto f32 = FArray::ensure(lm);
+  if (!f32) throw py::value_error("shadowkv_scores: landmarks require fp32 or bf16 bits (int16)");
+  return scores_impl<float>(q, f32.data(), N, bias, scale, num_threads);
 }
 
 // ------------------------------------------------------------------------------------ rebuild
@@ -432,7 +465,7 @@ void register_shadowkv(py::module_& m) {
   m.def("shadowkv_scores", &shadowkv_scores, py::arg("q"), py::arg("landmarks"), py::arg("bias"), py::arg("scale"),
         py::arg("num_threads") = 0,
         "ShadowKV chunk scores [rows, N]: max over the GS query rows of softmax_N(scale * q . L + bias).\n"
-        "q [rows, GS, D], landmarks [rows, D, N], bias [rows, N] or None (fp32).");
+        "q [rows, GS, D] fp32, landmarks [rows, D, N] fp32 or bf16 bits as int16, bias [rows, N] fp32 or None.");
   m.def("shadowkv_rebuild", &shadowkv_rebuild, py::arg("u"), py::arg("sv"), py::arg("chunks"), py::arg("slots"),
         py::arg("counts"), py::arg("cos"), py::arg("sin"), py::arg("out_k"), py::arg("v_src"), py::arg("out_v"),
         py::arg("num_kv_heads"), py::arg("num_threads") = 0,

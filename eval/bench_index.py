@@ -87,8 +87,14 @@ def model_source(context: int, n_train: int, n_test: int, n_sink: int, model_nam
         model, tokenizer = load_tiny(name)
         from longctx.tiny import sized_niah_samples
 
-        sample = sized_niah_samples(tokenizer, "niah_multikey_1", context, 1, seed, tokens_to_generate=0)[0]
-        ids = tokenizer(sample.prompt, return_tensors="pt")["input_ids"][:, :context]
+        budget = context
+        for _ in range(3):  # the sizing rule estimates tokens per word; correct it until the prompt is long enough
+            sample = sized_niah_samples(tokenizer, "niah_multikey_1", budget, 1, seed, tokens_to_generate=0)[0]
+            ids = tokenizer(sample.prompt, return_tensors="pt")["input_ids"]
+            if ids.shape[1] >= 0.95 * context:
+                break
+            budget = int(budget * context / ids.shape[1] * 1.02)
+        ids = ids[:, -context:]
         label = f"model:{name}"
     except (FileNotFoundError, OSError) as err:
         logger.warning("bundled model %r unavailable (%s): using a small random Llama", name, err)

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return result
     del pre
     v = torch.randn(1, Hkv, T, D, generator=gen)
-    opts = dict(sparse_budget=args.sparse_budget, rank=args.rank, svd_method=args.svd_method)
+    opts = dict(sparse_budget=args.sparse_budget, rank=args.rank, svd_method=args.svd_method,
+                landmark_dtype=args.landmark_dtype)
     sk = make_layer("shadowkv", ctx, **opts)
     t0 = time.perf_counter()
     sk.compress(k, v, pos)
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparse-budget", type=int, default=2048)
     p.add_argument("--rank", type=int, default=160)
     p.add_argument("--svd-method", default="gram", choices=["gram", "svd", "lowrank"])
+    p.add_argument("--landmark-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--queries", default="random,walk", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated query regimes: random, walk")
     p.add_argument("--repeats", type=int, default=7)

@@ -100,6 +100,7 @@ class DenseConfig(BackendConfig):
 # ------------------------------------------------------------------------- shadowkv
 SHADOWKV_DEFAULT_RANK = 160  # the paper's rank per layer, capped at Hkv·D by the layer
 SHADOWKV_SVD_METHODS = ("gram", "svd", "lowrank")
+SHADOWKV_LANDMARK_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -139,6 +140,10 @@ class ShadowKVConfig(BackendConfig):
     rope_theta : float
         RoPE base used only when the layer has no rotary helper (bench, unit tests outside
         a model); standard Llama rotate-half RoPE (default 10000).
+    landmark_dtype : {None, "float32", "bfloat16", "float16"}
+        Storage dtype of the landmarks, which every decode step reads in full. Default
+        ``None``: the keys' dtype (the official code runs in bf16 throughout). ``"bfloat16"``
+        halves their bytes and the scoring time of an fp32 cache; scores accumulate in fp32.
     """
 
     sparse_budget: int = 2048
@@ -150,6 +155,7 @@ class ShadowKVConfig(BackendConfig):
     svd_method: str = "gram"
     dense_fallback: bool = True
     rope_theta: float = 10000.0
+    landmark_dtype: Optional[str] = None
 
     def __post_init__(self):
         def is_int(value: Any) -> bool:
@@ -189,6 +195,13 @@ class ShadowKVConfig(BackendConfig):
             "rope_theta",
             "a positive number",
             self.rope_theta,
+        )
+        _require(
+            self.landmark_dtype in (None, *SHADOWKV_LANDMARK_DTYPES),
+            name,
+            "landmark_dtype",
+            f"None or one of {SHADOWKV_LANDMARK_DTYPES}",
+            self.landmark_dtype,
         )
 
     @property

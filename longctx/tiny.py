@@ -518,6 +518,7 @@ class SampleStream:
         if task == "copy":
             return self._copy(n_tokens)
         # extra question turns take ~45 tokens each: leave room so the first draw usually fits
+        extra_questions = min(extra_questions, max(0, (n_tokens - 120) // 50))
         units = self._units(task, n_tokens - 60 - 45 * extra_questions)
         chat = rng.random() < 0.25
         while True:
@@ -529,6 +530,11 @@ class SampleStream:
             p = self.tok(s.prompt)["input_ids"]
             a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             n = len(p) + len(a)
+            if n > 1.5 * n_tokens and units <= 1 and extra_questions == 0:
+                # even the smallest prompt of this task is far too long (uuids at short lengths):
+                # use copy text instead so that the batch is not padded to its length
+                self.last_tasks[-1] = "copy"
+                return self._copy(n_tokens)
             if n <= n_tokens or (units <= 1 and extra_questions == 0):
                 return p + a, [-100] * len(p) + a
             rng.setstate(state)

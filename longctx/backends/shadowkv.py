@@ -115,8 +115,9 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, bias: Optional[tor
     """
     B, H, S, D = q.shape
     Hkv, N = landmarks.shape[1], landmarks.shape[2]
-    qg = q.reshape(B * Hkv, (H // Hkv) * S, D).to(landmarks.dtype)
-    lm_t = landmarks.reshape(B * Hkv, N, D).transpose(1, 2)
+    dtype = torch.promote_types(q.dtype, landmarks.dtype)  # bf16 landmarks of an fp32 cache: scored in fp32
+    qg = q.reshape(B * Hkv, (H // Hkv) * S, D).to(dtype)
+    lm_t = landmarks.reshape(B * Hkv, N, D).transpose(1, 2).to(dtype)
     if bias is None:
         logits = torch.bmm(qg, lm_t).float() * scale  # [B*Hkv, G*S, N]
     else:
@@ -416,7 +417,8 @@ class ShadowKVLayer(BackendLayer):
             self.landmark_bias = bias.scatter_(2, ids, float("-inf"))
             self.outlier_ids = ids
         # stored as [B, Hkv, D, N] (viewed as [B, Hkv, N, D]): scoring is then a plain q @ L GEMM, ~25% faster on CPU
-        self.landmarks = landmarks.to(k.dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
+        lm_dtype = getattr(torch, cfg.landmark_dtype) if cfg.landmark_dtype else k.dtype
+        self.landmarks = landmarks.to(lm_dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
 
         # values to the host tier (pinned when the device is CUDA: async copies, zero-copy kernel reads)
         host = self.ctx.host_device
@@ -494,7 +496,8 @@ class ShadowKVLayer(BackendLayer):
             return "torch"
         if choice == "triton":
             return "triton"
-        if choice == "cpp" and device.type == "cpu" and self.v_host.device.type == "cpu" and self.u.dtype == torch.float32:
+        if (choice == "cpp" and device.type == "cpu" and self.v_host.device.type == "cpu" and self.u.dtype == torch.float32
+                and self.landmarks.dtype in (torch.float32, torch.bfloat16)):
             return "cpp"
         return "torch"
 
@@ -611,6 +614,8 @@ class ShadowKVLayer(BackendLayer):
         rows = B * Hkv
         qg = q.reshape(rows, (H // Hkv) * S, D).float().contiguous()
         lm_t = self.landmarks.transpose(-1, -2).reshape(rows, D, N)  # contiguous as stored
+        if lm_t.dtype == torch.bfloat16:
+            lm_t = lm_t.view(torch.int16)  # numpy has no bf16: the kernel reads the bit patterns
         bias = None if self.landmark_bias is None else self.landmark_bias.view(rows, N).numpy()
         out = _C.shadowkv_scores(qg.numpy(), lm_t.numpy(), bias, float(self.ctx.scale), torch.get_num_threads())
         return torch.from_numpy(out).view(B, Hkv, N)

@@ -122,13 +122,13 @@ class TriForceStats:
 
 
 # ----------------------------------------------------------------------------------------- levels
-class _Level:
+class Level:
     """One model and one cache; ``cached`` tokens of the shared sequence are in the cache."""
 
     def __init__(self, model: torch.nn.Module, cache: LongCtxCache):
         self.model, self.cache, self.cached, self.forwards, self.seconds = model, cache, 0, 0, 0.0
 
-    def feed(self, seq: "_Sequence", end: int, keep: int) -> torch.Tensor:
+    def feed(self, seq: "TokenSequence", end: int, keep: int) -> torch.Tensor:
         """Run the model on ``seq[cached:end]``; returns the last ``keep`` positions' logits ``[B, keep, V]``."""
         t0 = time.perf_counter()
         kwargs = {CACHE_KWARG: self.cache, "use_cache": True, "logits_to_keep": keep}
@@ -147,7 +147,7 @@ class _Level:
             self.cached = length
 
 
-class _Sequence:
+class TokenSequence:
     """Token ids ``[B, N]`` with their RoPE positions and (left-padded prompts only) the 2D mask."""
 
     def __init__(self, ids: torch.Tensor, mask: Optional[torch.Tensor], room: int):
@@ -175,19 +175,39 @@ class _Sequence:
 
 
 # ----------------------------------------------------------------------------------------- rules
-class _Rule:
-    """Turns logits into proposals and runs verifications (greedy or stochastic).
+class Rules:
+    """Turns logits into proposals and runs the verifications (greedy or stochastic).
 
-    ``process(seq, start, logits)`` maps raw logits ``[B, n, V]`` at positions ``start ..
-    start+n-1`` (prefix ``seq.ids[:, :start+i]``) to the scores the rule samples from.
+    Parameters
+    ----------
+    greedy : bool
+        Argmax proposals and :func:`greedy_verify`; else sampling and ``middle_verify`` /
+        ``top_verify`` (default :func:`speculative_verify` at both levels).
+    process : callable
+        ``process(seq, start, logits)`` maps raw logits ``[B, n, V]`` at positions ``start ..
+        start+n-1`` (prefix ``seq.ids[:, :start+i]``) to the scores sampled from (temperature,
+        top-k/p, or transformers' logits processors).
+    generator : torch.Generator, optional
+        Randomness of the proposals, acceptance coins and resampling.
+    middle_verify, top_verify : callable
+        Verification rule per level, ``rule(tokens, q, p, generator) -> (n_accepted, next_token)``
+        (tests swap in the official code's middle-level rule to show it is not lossless).
     """
 
-    def __init__(self, greedy: bool, process: Callable, generator: Optional[torch.Generator],
+    def __init__(self, greedy: bool, process: Callable, generator: Optional[torch.Generator] = None,
                  middle_verify: VerifyRule = speculative_verify, top_verify: VerifyRule = speculative_verify):
         self.greedy, self.process, self.generator = greedy, process, generator
         self.middle_verify, self.top_verify = middle_verify, top_verify
 
-    def dist(self, seq: _Sequence, start: int, logits: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def from_options(cls, temperature: float = 0.0, top_p: float = 1.0, top_k: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None, **rules: VerifyRule) -> "Rules":
+        """Greedy at ``temperature == 0``, else sampling from ``warp_logits(logits, temperature, top_p, top_k)``."""
+        if temperature == 0:
+            return cls(True, lambda seq, start, logits: logits.float(), generator, **rules)
+        return cls(False, lambda seq, start, logits: warp_logits(logits, temperature, top_p, top_k), generator, **rules)
+
+    def dist(self, seq: TokenSequence, start: int, logits: torch.Tensor) -> torch.Tensor:
         """Scores (greedy) or probabilities (sampling) ``[B, n, V]``."""
         scores = self.process(seq, start, logits)
         return scores if self.greedy else scores.softmax(-1)
@@ -201,13 +221,6 @@ class _Rule:
             return greedy_verify(tokens, p)
         rule = self.middle_verify if level == "middle" else self.top_verify
         return rule(tokens, q, p, self.generator)
-
-
-def _warp(temperature: float, top_p: float, top_k: Optional[int]) -> Callable:
-    def process(seq, start, logits):
-        return logits.float() if temperature == 0 else warp_logits(logits, temperature, top_p, top_k)
-
-    return process
 
 
 # ----------------------------------------------------------------------------------------- draft length
@@ -271,7 +284,7 @@ class DraftLength:
 class TriForceEngine:
     """The three-level loop over prepared levels (use :func:`triforce_generate`)."""
 
-    def __init__(self, draft: _Level, middle: _Level, top: _Level, rule: _Rule, gamma: int, draft_gamma: DraftLength):
+    def __init__(self, draft: Level, middle: Level, top: Level, rule: Rules, gamma: int, draft_gamma: DraftLength):
         self.draft, self.middle, self.top, self.rule = draft, middle, top, rule
         self.gamma, self.draft_gamma = gamma, draft_gamma
         self.stats = TriForceStats()
@@ -280,7 +293,7 @@ class TriForceEngine:
         for level in (self.draft, self.middle, self.top):
             level.truncate(length)
 
-    def middle_block(self, seq: _Sequence, size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def middle_block(self, seq: TokenSequence, size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Speculate ``>= size`` tokens distributed as the middle level; returns tokens ``[B, k]`` and their q ``[B, k, V]``."""
         st, C = self.stats, len(seq)
         qs = []
@@ -315,7 +328,7 @@ class TriForceEngine:
         seq.cut(C)
         return block, torch.cat(qs, 1) if qs else None
 
-    def step(self, seq: _Sequence, remaining: int) -> torch.Tensor:
+    def step(self, seq: TokenSequence, remaining: int) -> torch.Tensor:
         """One full-cache verification; appends the committed tokens to ``seq`` and returns them ``[B, n]``."""
         st, C = self.stats, len(seq)
         block, q = self.middle_block(seq, min(self.gamma, remaining - 1))
@@ -333,31 +346,42 @@ class TriForceEngine:
         st.middle_accepted += float(n.float().mean())
         return seq.ids[:, C:]
 
-    def run(self, seq: _Sequence, max_new_tokens: int, eos: Optional[torch.Tensor]) -> torch.Tensor:
-        """Prefill the three caches, then verify blocks until ``max_new_tokens`` (or EOS in every row)."""
-        st = self.stats
+    def prefill(self, seq: TokenSequence) -> None:
+        """Prefill the three caches with the prompt ``seq`` and append the first token (the target's own)."""
         P = len(seq)
         t0 = time.perf_counter()
         first = self.rule.dist(seq, P, self.top.feed(seq, P, 1))[:, -1]
         self.middle.feed(seq, P, 1)
         self.draft.feed(seq, P, 1)
         seq.append(self.rule.pick(first))
-        st.prefill_s = time.perf_counter() - t0
-        for level in (self.draft, self.middle, self.top):
-            level.seconds = 0.0
+        self.stats.prefill_s = time.perf_counter() - t0
+
+    def decode(self, seq: TokenSequence, max_new_tokens: int, eos: Optional[torch.Tensor]) -> torch.Tensor:
+        """Verify blocks until ``seq`` holds ``max_new_tokens`` after the prompt (or EOS in every row).
+
+        ``seq`` ends with one token that no cache holds yet (the first token after a prefill);
+        every level's cache holds ``seq`` up to it.
+        """
+        st, P = self.stats, len(seq) - 1
+        levels = (self.draft, self.middle, self.top)
+        forwards0, seconds0 = [lv.forwards for lv in levels], [lv.seconds for lv in levels]
         finished = _hits(seq.ids[:, P:], eos)
         t0, c0 = time.perf_counter(), time.process_time()
         while len(seq) - P < max_new_tokens and not bool(finished.all()):
             new = self.step(seq, max_new_tokens - (len(seq) - P))
             finished |= _hits(new, eos)
         st.decode_s, st.decode_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        st.top_forwards, st.middle_forwards = self.top.forwards - 1, self.middle.forwards - 1
-        st.draft_forwards = self.draft.forwards - 1
-        st.draft_s, st.middle_s, st.top_s = self.draft.seconds, self.middle.seconds, self.top.seconds
+        st.draft_forwards, st.middle_forwards, st.top_forwards = (lv.forwards - f for lv, f in zip(levels, forwards0))
+        st.draft_s, st.middle_s, st.top_s = (lv.seconds - s for lv, s in zip(levels, seconds0))
         seq.cut(P + max_new_tokens)  # the last block may overshoot
         st.new_tokens = len(seq) - P
         st.committed = st.new_tokens - 1
         return seq.ids
+
+    def run(self, seq: TokenSequence, max_new_tokens: int, eos: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`prefill` then :meth:`decode`; returns the ids ``[B, T + n]``."""
+        self.prefill(seq)
+        return self.decode(seq, max_new_tokens, eos)
 
 
 def _hits(tokens: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -417,7 +441,8 @@ def _handle(model: torch.nn.Module, stack: contextlib.ExitStack):
     return handle
 
 
-def _cache(handle, backend: Union[str, BackendConfig], options: Optional[Mapping[str, Any]] = None) -> LongCtxCache:
+def build_cache(handle, backend: Union[str, BackendConfig], options: Optional[Mapping[str, Any]] = None) -> LongCtxCache:
+    """A LongCtxCache of ``backend`` for the model of patch ``handle`` (several may coexist: forwards route by cache)."""
     spec, config = resolve_config(backend, options)
     return LongCtxCache(lambda ctx: spec.layer_cls(config, ctx), handle.contexts)
 
@@ -447,9 +472,9 @@ def _build_engine(target, draft, stack, *, gamma, draft_gamma, middle, middle_op
     else:
         dc_backend, dc_opts = dc, None
     levels = (
-        _Level(draft, _cache(dh, dc_backend, dc_opts)),
-        _Level(target, _cache(th, middle, middle_options)),
-        _Level(target, _cache(th, "dense")),
+        Level(draft, build_cache(dh, dc_backend, dc_opts)),
+        Level(target, build_cache(th, middle, middle_options)),
+        Level(target, build_cache(th, "dense")),
     )
     return TriForceEngine(*levels, rule=rule, gamma=gamma, draft_gamma=DraftLength(draft_gamma, gamma))
 
@@ -473,7 +498,7 @@ def triforce_generate(
     eos_token_id: Union[None, int, Sequence[int]] = None,
     pad_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    _rule: Optional[_Rule] = None,
+    _rule: Optional[Rules] = None,  # internal: tests swap the verification rules
 ) -> tuple[torch.Tensor, TriForceStats]:
     """Generate with TriForce's three-level speculation; lossless with respect to ``target``.
 
@@ -531,7 +556,7 @@ def triforce_generate(
     _check_args(input_ids, attention_mask, max_new_tokens, gamma, draft_gamma, temperature, top_p)
     check_pair(target, draft)
     resolve_config(middle, middle_options)  # validates the middle backend before patching anything
-    rule = _rule or _Rule(temperature == 0, _warp(temperature, top_p, top_k), generator)
+    rule = _rule or Rules.from_options(temperature, top_p, top_k, generator)
     device = next(target.parameters()).device
     input_ids = input_ids.to(device)
     eos = None
@@ -540,7 +565,7 @@ def triforce_generate(
     with contextlib.ExitStack() as stack:
         engine = _build_engine(target, draft, stack, gamma=gamma, draft_gamma=draft_gamma, middle=middle,
                                middle_options=middle_options, draft_cache=draft_cache, rule=rule)
-        seq = _Sequence(input_ids, None if attention_mask is None else attention_mask.to(device),
+        seq = TokenSequence(input_ids, None if attention_mask is None else attention_mask.to(device),
                         max_new_tokens + 2 * gamma + 2)
         ids = engine.run(seq, max_new_tokens, eos)
     out = _finish(ids, input_ids.shape[1], eos, pad_token_id)
@@ -556,7 +581,7 @@ def triforce_generate(
 def _hf_process(logits_processor) -> Callable:
     """Apply transformers' logits processors position by position, each with its own prefix."""
 
-    def process(seq: _Sequence, start: int, logits: torch.Tensor) -> torch.Tensor:
+    def process(seq: TokenSequence, start: int, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if not logits_processor:
             return logits
@@ -603,7 +628,7 @@ def triforce_decoding(
     eos_ids = None if eos is None else [int(x) for x in eos.reshape(-1)]
     pad = getattr(gc, "_pad_token_tensor", None)
     max_new = int(gc.max_length) - input_ids.shape[1]
-    rule = _Rule(not gc.do_sample, _hf_process(logits_processor), options.get("generator"))
+    rule = Rules(not gc.do_sample, _hf_process(logits_processor), options.get("generator"))
     sequences, stats = triforce_generate(
         model, draft_model, input_ids, max_new, attention_mask=model_kwargs.get("attention_mask"),
         eos_token_id=eos_ids, pad_token_id=None if pad is None else int(pad), _rule=rule,

@@ -405,6 +405,10 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
         got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), lm.numpy(), None if b is None else b.numpy(), 0.3, 2))
         ref = landmark_scores(q.view(1, rows * GS, 1, D), lm.transpose(1, 2).unsqueeze(0), None if b is None else b[None], 0.3)
         torch.testing.assert_close(got, ref.view(rows, N), atol=1e-6, rtol=1e-5)
+    lm16 = lm.bfloat16()  # bf16 landmarks travel as int16 bit patterns, scored in fp32
+    got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), lm16.view(torch.int16).numpy(), bias.numpy(), 0.3, 1))
+    ref = landmark_scores(q.view(1, rows * GS, 1, D), lm16.transpose(1, 2).unsqueeze(0), bias[None], 0.3)
+    torch.testing.assert_close(got, ref.view(rows, N), atol=1e-6, rtol=1e-5)
     # rebuild: 2 sequences x 2 KV heads, strided destinations
     B, Hkv, C, Nc, r, K, M = 2, 2, 4, 30, 12, 9, 7
     rows = B * Hkv
@@ -436,8 +440,8 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
                             sin.numpy(), ok.numpy(), v_src.numpy(), ov.numpy(), Hkv, 1)
 
 
-@pytest.mark.parametrize("D", [64, 32])
-def test_backend_cpp_path_matches_torch(gen, monkeypatch, D):
+@pytest.mark.parametrize("D, landmark_dtype", [(64, None), (32, None), (64, "bfloat16")])
+def test_backend_cpp_path_matches_torch(gen, monkeypatch, D, landmark_dtype):
     from longctx.ops import cpp_available
 
     if not cpp_available():
@@ -447,7 +451,7 @@ def test_backend_cpp_path_matches_torch(gen, monkeypatch, D):
     outs, layers = {}, {}
     for impl in ("ref", "cpp"):
         monkeypatch.setenv("LONGCTX_OPS", impl)
-        layer = make_layer("shadowkv", ctx, sparse_budget=64, rank=24)
+        layer = make_layer("shadowkv", ctx, sparse_budget=64, rank=24, landmark_dtype=landmark_dtype)
         g = torch.Generator().manual_seed(9)
         outs[impl] = [o[0] for o in _run_pair([layer], g, B, H, Hkv, D, T, steps=6, verify_at=(2,))]
         layers[impl] = layer

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import longctx
-from longctx.speculative import TriForceStats, speculative_verify, sample, triforce_decoding, triforce_generate
-from longctx.speculative.triforce import _Rule, _warp
+from longctx.speculative import TriForceStats, sample, speculative_verify, triforce_decoding, triforce_generate, warp_logits
+from longctx.speculative.triforce import Rules
 from tests.conftest import tiny_model
 
 # small sparse settings so that every middle backend really is sparse on a 160-token prompt
@@ -98,7 +98,7 @@ def _target_distribution(target, prompt, n_tokens):
         prefixes = list(dist)
         ids = torch.cat([prompt.expand(len(prefixes), -1), torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), step)], 1)
         with torch.no_grad():
-            probs = _warp(SAMPLING["temperature"], SAMPLING["top_p"], None)(None, 0, target(ids).logits[:, -1]).softmax(-1)
+            probs = warp_logits(target(ids).logits[:, -1], SAMPLING["temperature"], SAMPLING["top_p"]).softmax(-1)
         dist = {pre + (t,): dist[pre] * float(probs[i, t]) for i, pre in enumerate(prefixes) for t in range(V)}
     return dist
 
@@ -134,7 +134,7 @@ def test_sampling_distribution_equals_target_and_catches_official_middle_rule():
 
     def run(middle_rule, seed):
         g = torch.Generator().manual_seed(seed)
-        rule = _Rule(False, _warp(SAMPLING["temperature"], SAMPLING["top_p"], None), g, middle_verify=middle_rule)
+        rule = Rules.from_options(SAMPLING["temperature"], SAMPLING["top_p"], generator=g, middle_verify=middle_rule)
         out, stats = triforce_generate(target, draft, prompt.expand(N, -1), 3, gamma=2, draft_gamma=1,
                                        middle_options=dict(chunk_size=2, budget=4), draft_cache=dict(sinks=2, window=4),
                                        _rule=rule, **SAMPLING)
