@@ -15,10 +15,15 @@ Methods:
   the draft with a full cache);
 - ``triforce[<middle>]`` — :func:`longctx.speculative.triforce_generate` with each middle backend.
 
-Decode time per token: for the ``generate`` methods, the time between the first and the last
-stopping-criteria call divided by the tokens added in between (so the prefill, and for
-assisted generation its first round, are excluded); for TriForce, its decode time after the
-first token (which the prefill gives) divided by the tokens after it.
+Every method is prefilled once (TriForce's dense top level and draft cache are shared by
+all its middle backends) and then decodes ``--repeats`` times, interleaved across methods
+so that load from other processes hits all alike, restoring its caches to the prompt after
+each round (rollback through the contract); the table reports the median. Decode time per
+token: for the ``generate`` methods, the time between the first and the last
+stopping-criteria call divided by the tokens added in between (the first round of assisted
+generation, which prefills its draft, is excluded); for TriForce, its decode time after
+the first token (which the prefill gives) divided by the tokens after it. Wall and process
+CPU time are both reported: on a shared machine CPU time is the steadier of the two.
 
 Usage (options after ``--``, which keeps them away from ``longctx bench``'s own)::
 
@@ -28,13 +33,19 @@ Usage (options after ``--``, which keeps them away from ``longctx bench``'s own)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import logging
+import os
 import platform
+import statistics
 import time
 from typing import Any, Optional, Sequence
 
 import torch
+
+from longctx.compat import CACHE_KWARG
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +69,18 @@ class _Clock:
         return 1000.0 * (t1 - t0) / n, 1000.0 * (c1 - c0) / n
 
 
-def _generate(model, ids, max_new, eos, clock_prefill: bool = True, **kwargs) -> tuple[torch.Tensor, dict[str, Any]]:
+def _generate(model, ids, max_new, eos, **kwargs) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Greedy ``model.generate`` timed per token between the first and last stopping-criteria calls."""
     from transformers import StoppingCriteriaList
 
     clock = _Clock()
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
-                         stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
-    total = time.perf_counter() - t0
+    out = model.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                         pad_token_id=eos if eos is not None else 0, stopping_criteria=StoppingCriteriaList([clock]),
+                         **kwargs)
     wall, cpu = clock.per_token()
-    row = {"ms_per_token": wall, "cpu_ms_per_token": cpu, "prefill_s": clock.marks[0][0] - t0, "total_s": total,
-           "new_tokens": out.shape[1] - ids.shape[1]}
-    return out, row
+    decode_s = clock.marks[-1][0] - clock.marks[0][0]
+    return out, {"ms_per_token": wall, "cpu_ms_per_token": cpu, "new_tokens": out.shape[1] - ids.shape[1],
+                 "decode_s": decode_s}
 
 
 def _random_pair(vocab: int = 1024):
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-sinks", type=int, default=16)
     p.add_argument("--draft-window", type=int, default=240)
     p.add_argument("--skip", default="", help="comma-separated methods to skip: autoregressive-dense,assisted")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved decode rounds per method (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on a shared machine)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -167,10 +179,143 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run every method; returns ``(setup, rows)``."""
+class _Method:
+    """One row of the table: a prefilled state and a ``round()`` that decodes from it and restores it."""
+
+    def __init__(self, name: str, prefill_s: float, round_fn, extras: Optional[dict[str, Any]] = None):
+        self.name, self.prefill_s, self.round_fn = name, prefill_s, round_fn
+        self.extras = dict(extras or {})
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+        self.last: dict[str, Any] = {}
+        self.output: Optional[torch.Tensor] = None
+
+    def round(self) -> None:
+        out, row = self.round_fn()
+        self.walls.append(row.pop("ms_per_token"))
+        self.cpus.append(row.pop("cpu_ms_per_token"))
+        self.last = row
+        if self.output is None:
+            self.output = out
+
+    def row(self) -> dict[str, Any]:
+        return {"method": self.name, "ms_per_token": statistics.median(self.walls),
+                "cpu_ms_per_token": statistics.median(self.cpus), "ms_per_token_rounds": self.walls,
+                "prefill_s": self.prefill_s, **self.extras, **self.last}
+
+
+def _restore(cache, length: int) -> None:
+    """Drop every token after the first ``length`` (DynamicCache or LongCtxCache)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _hf_method(name, model, ids, max_new, eos, patched: bool = False, prefilled: bool = True, **gen_kwargs) -> _Method:
+    """``model.generate``, continuing from a cache prefilled with the prompt but its last token.
+
+    ``prefilled=False`` prefills in every round (assisted generation: transformers 5.24 repeats
+    a token when it restarts from a given cache).
+    """
     import longctx
-    from longctx.speculative import check_pair, triforce_generate
+    from transformers import DynamicCache
+
+    P = ids.shape[1]
+    ctx = (lambda: longctx.patch(model, "dense")) if patched else contextlib.nullcontext
+    cache, prefill = None, float("nan")
+    if prefilled:
+        with ctx() as handle, torch.no_grad():
+            cache = handle.new_cache() if patched else DynamicCache(config=model.config)
+            t0 = time.perf_counter()
+            model(ids[:, :-1], use_cache=True, **{CACHE_KWARG: cache})
+            prefill = time.perf_counter() - t0
+
+    def round_fn():
+        t0 = time.perf_counter()
+        with ctx():
+            kwargs = dict(gen_kwargs) if cache is None else {CACHE_KWARG: cache, **gen_kwargs}
+            out, row = _generate(model, ids, max_new, eos, **kwargs)
+        if cache is not None:
+            _restore(cache, P - 1)
+        else:
+            method.prefill_s = min(method.prefill_s, time.perf_counter() - t0 - row["decode_s"])
+        return out, row
+
+    method = _Method(name, prefill if prefilled else float("inf"), round_fn)
+    return method
+
+
+def _triforce_methods(target, draft, ids, args, eos, middles) -> list[_Method]:
+    """TriForce per middle backend; the top (dense) and draft caches are prefilled once and shared."""
+    import longctx
+    from longctx.speculative.triforce import (
+        DraftLength, Level, Rules, TokenSequence, TriForceEngine, build_cache, trim_after_eos,
+    )
+
+    P, N = ids.shape[1], args.max_new_tokens
+    gamma = args.gamma or 6
+    room = N + 2 * gamma + 2
+    eos_t = None if eos is None else torch.tensor([eos])
+
+    def patched():
+        stack = contextlib.ExitStack()
+        stack.enter_context(longctx.patch(target, "dense"))
+        stack.enter_context(longctx.patch(draft, "dense"))
+        return stack
+
+    with patched(), torch.no_grad():
+        th, dh = target._longctx_handle, draft._longctx_handle
+        seq0 = TokenSequence(ids, None, room)
+        top = Level(target, build_cache(th, "dense"))
+        t0 = time.perf_counter()
+        first = top.feed(seq0, P, 1)[:, -1].argmax(-1)
+        top_s = time.perf_counter() - t0
+        drf = Level(draft, build_cache(dh, "streaming", {"sinks": args.draft_sinks, "window": args.draft_window}))
+        t0 = time.perf_counter()
+        drf.feed(seq0, P, 1)
+        draft_s = time.perf_counter() - t0
+        draft_state = copy.deepcopy(drf.cache)
+        levels = []
+        for middle, opts in middles:
+            mid = Level(target, build_cache(th, middle, opts or None))
+            t0 = time.perf_counter()
+            mid.feed(seq0, P, 1)
+            levels.append((middle, opts, mid, time.perf_counter() - t0))
+
+    def make_round(mid):
+        def round_fn():
+            with patched(), torch.no_grad():
+                top.truncate(P)
+                mid.truncate(P)
+                drf.cache, drf.cached = copy.deepcopy(draft_state), P
+                seq = TokenSequence(ids, None, room)
+                seq.append(first)
+                engine = TriForceEngine(drf, mid, top, Rules.from_options(), gamma, DraftLength(args.draft_gamma, gamma))
+                out = trim_after_eos(engine.decode(seq, N, eos_t), P, eos_t, None)
+            st = engine.stats
+            st.committed = out.shape[1] - P - 1
+            d = st.as_dict()
+            return out, {"ms_per_token": st.ms_per_token, "cpu_ms_per_token": st.cpu_ms_per_token,
+                         "new_tokens": out.shape[1] - P, "acceptance_middle": st.acceptance_middle,
+                         "acceptance_top": st.acceptance_top, "tokens_per_verification": st.mean_accepted_length,
+                         "target_forwards_per_token": st.target_forwards_per_token,
+                         "forwards_per_token": (d["draft_forwards_per_token"], d["middle_forwards_per_token"],
+                                                st.target_forwards_per_token), "stats": d}
+
+        return round_fn
+
+    methods = []
+    for middle, opts, mid, mid_s in levels:
+        label = middle + "".join(f" {k}={v}" for k, v in opts.items())
+        methods.append(_Method(f"triforce[{label}]", top_s + draft_s + mid_s, make_round(mid),
+                               {"options": opts, "prefill_s_shared_top_draft": top_s + draft_s}))
+    return methods
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Prefill every method once, then decode in ``--repeats`` interleaved rounds; returns ``(setup, rows)``."""
+    import longctx
+    from longctx.speculative import check_pair
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -194,50 +339,36 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
     if missing:
         logger.warning("middle backends not registered here, skipped: %s", missing)
     middles = [(m, o) for m, o in middles if m in available]
-    setup = {"prompt_tokens": ids.shape[1], "context": args.context, "max_new_tokens": args.max_new_tokens,
-             "task": "random" if args.random_models else args.task, "threads": args.threads,
-             "machine": f"{platform.machine()} {torch.get_num_threads()} thread(s), torch {torch.__version__}",
-             "model": "random" if args.random_models else args.model, "draft": "random" if args.random_models else args.draft}
-    rows: list[dict[str, Any]] = []
-    logger.info("prompt %d tokens", ids.shape[1])
+    logger.info("prompt %d tokens; prefilling", ids.shape[1])
 
-    ref, row = _generate(target, ids, args.max_new_tokens, eos)
-    rows.append({"method": "autoregressive", **row})
-    gen = ref[0, ids.shape[1]:]
+    N = args.max_new_tokens
+    methods = [_hf_method("autoregressive", target, ids, N, eos)]
     if "autoregressive-dense" not in skip:
-        with longctx.patch(target, "dense"):
-            out, row = _generate(target, ids, args.max_new_tokens, eos)
-        rows.append({"method": "autoregressive-dense", **row, "same_output": torch.equal(out, ref)})
+        methods.append(_hf_method("autoregressive-dense", target, ids, N, eos, patched=True))
     if "assisted" not in skip:
-        out, row = _generate(target, ids, args.max_new_tokens, eos, assistant_model=draft)
-        rows.append({"method": "assisted", **row, "same_output": torch.equal(out, ref)})
-    tf_kwargs: dict[str, Any] = {"draft_cache": {"sinks": args.draft_sinks, "window": args.draft_window}}
-    if args.gamma is not None:
-        tf_kwargs["gamma"] = args.gamma
-    if args.draft_gamma is not None:
-        tf_kwargs["draft_gamma"] = args.draft_gamma
-    for middle, opts in middles:
-        t0 = time.perf_counter()
-        out, st = triforce_generate(target, draft, ids, args.max_new_tokens, middle=middle, middle_options=opts or None,
-                                    eos_token_id=eos, **tf_kwargs)
-        total = time.perf_counter() - t0
-        same = out.shape == ref.shape and torch.equal(out, ref)
-        label = middle + "".join(f" {k}={v}" for k, v in opts.items())
-        d = st.as_dict()
-        rows.append({"method": f"triforce[{label}]", "ms_per_token": st.ms_per_token, "cpu_ms_per_token": st.cpu_ms_per_token,
-                     "prefill_s": st.prefill_s, "total_s": total, "new_tokens": st.new_tokens, "same_output": same,
-                     "acceptance_middle": st.acceptance_middle, "acceptance_top": st.acceptance_top,
-                     "tokens_per_verification": st.mean_accepted_length,
-                     "target_forwards_per_token": st.target_forwards_per_token,
-                     "forwards_per_token": (d["draft_forwards_per_token"], d["middle_forwards_per_token"],
-                                            st.target_forwards_per_token),
-                     "options": opts, "stats": d})
+        methods.append(_hf_method("assisted", target, ids, N, eos, prefilled=False, assistant_model=draft))
+    methods += _triforce_methods(target, draft, ids, args, eos, middles)
+    for r in range(args.repeats):
+        for m in methods:
+            logger.info("round %d: %s", r, m.name)
+            m.round()
+    ref = methods[0].output
+    rows = []
+    for m in methods:
+        row = m.row()
+        row["same_output"] = m.output is not None and m.output.shape == ref.shape and torch.equal(m.output, ref)
+        rows.append(row)
     base, base_cpu = rows[0]["ms_per_token"], rows[0]["cpu_ms_per_token"]
     for r in rows:
         r["speedup"] = base / r["ms_per_token"] if r["ms_per_token"] > 0 else float("nan")
         r["cpu_speedup"] = base_cpu / r["cpu_ms_per_token"] if r["cpu_ms_per_token"] > 0 else float("nan")
-    rows[0]["same_output"] = True
-    setup["generated_tokens"] = int(gen.numel())
+    setup = {"prompt_tokens": ids.shape[1], "context": args.context, "max_new_tokens": N,
+             "generated_tokens": int(ref.shape[1] - ids.shape[1]), "repeats": args.repeats,
+             "task": "random" if args.random_models else args.task, "threads": args.threads,
+             "gamma": args.gamma or 6, "draft_gamma": args.draft_gamma or "adaptive",
+             "draft_cache": {"sinks": args.draft_sinks, "window": args.draft_window},
+             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), torch {torch.__version__}",
+             "model": "random" if args.random_models else args.model, "draft": "random" if args.random_models else args.draft}
     return setup, rows
 
 

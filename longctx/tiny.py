@@ -530,7 +530,7 @@ class SampleStream:
             p = self.tok(s.prompt)["input_ids"]
             a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             n = len(p) + len(a)
-            if n > 1.5 * n_tokens and units <= 1 and extra_questions == 0:
+            if n > 1.5 * n_tokens and units <= 1 and extra_questions == 0 and "uuids" in RULER_NIAH_TASKS[task][1:3]:
                 # even the smallest prompt of this task is far too long (uuids at short lengths):
                 # use copy text instead so that the batch is not padded to its length
                 self.last_tasks[-1] = "copy"

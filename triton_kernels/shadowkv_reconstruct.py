@@ -97,7 +97,8 @@ def _check(u, sv, sv_rot, chunks, slots, counts, cos, sin, out, num_kv_heads) ->
         )
     rows, K, C, D = out.shape
     B, _, r = u.shape
-    if rows != B * num_kv_heads or sv.shape != (rows, r, D) or sv_rot.shape != sv.shape or sv_rot.stride() != sv.stride():
+    same = sv_rot.shape == sv.shape and sv_rot.stride() == sv.stride()
+    if rows != B * num_kv_heads or sv.shape != (rows, r, D) or not same:
         raise ValueError(
             f"reconstruct_rope requires sv and sv_rot of shape {(rows, r, D)} with equal strides "
             f"(rows = B*Hkv = {B}*{num_kv_heads}; got {tuple(sv.shape)}, {tuple(sv_rot.shape)})"
@@ -110,7 +111,8 @@ def _check(u, sv, sv_rot, chunks, slots, counts, cos, sin, out, num_kv_heads) ->
     M = chunks.shape[1]
     if counts.shape != (rows,):
         raise ValueError(f"reconstruct_rope requires counts [rows={rows}] (got {tuple(counts.shape)})")
-    if cos.dim() != 4 or cos.shape[:3] != (rows, M, C) or cos.shape[3] > D or sin.shape != cos.shape or sin.stride() != cos.stride():
+    same = sin.shape == cos.shape and sin.stride() == cos.stride()
+    if cos.dim() != 4 or cos.shape[:3] != (rows, M, C) or cos.shape[3] > D or not same:
         raise ValueError(
             f"reconstruct_rope requires cos and sin [rows={rows}, M={M}, C={C}, R<=D] with equal strides "
             f"(got {tuple(cos.shape)}, {tuple(sin.shape)})"

@@ -94,7 +94,9 @@ class LlamaRopeEmb:
 
 
 # ----------------------------------------------------------------------------- torch building blocks
-def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+def landmark_scores(
+    q: torch.Tensor, landmarks: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
     """Chunk scores: softmax over chunks per query, max over the GQA group and the S queries.
 
     Parameters
@@ -318,7 +320,10 @@ class ShadowKVLayer(BackendLayer):
                 f"at layer {ctx.layer_idx})"
             )
         self.rank = min(SHADOWKV_DEFAULT_RANK, full_rank) if config.rank is None else config.rank
-        self.rotary = ctx.rotary if ctx.rotary is not None else RotaryHelper(LlamaRopeEmb(ctx.head_dim, config.rope_theta))
+        if ctx.rotary is not None:
+            self.rotary = ctx.rotary
+        else:  # outside a model: standard Llama RoPE
+            self.rotary = RotaryHelper(LlamaRopeEmb(ctx.head_dim, config.rope_theta))
         self.prefill_attention: Callable[..., torch.Tensor] = self.dense_prefill_attention
         self._clear()
 
@@ -496,8 +501,8 @@ class ShadowKVLayer(BackendLayer):
             return "torch"
         if choice == "triton":
             return "triton"
-        if (choice == "cpp" and device.type == "cpu" and self.v_host.device.type == "cpu" and self.u.dtype == torch.float32
-                and self.landmarks.dtype in (torch.float32, torch.bfloat16)):
+        fp32_on_cpu = device.type == "cpu" and self.v_host.device.type == "cpu" and self.u.dtype == torch.float32
+        if choice == "cpp" and fp32_on_cpu and self.landmarks.dtype in (torch.float32, torch.bfloat16):
             return "cpp"
         return "torch"
 
@@ -640,7 +645,8 @@ class ShadowKVLayer(BackendLayer):
             sv = self.sv.view(rows, r, D)
         sel_k, sel_v = self._selected_views()
         _C.shadowkv_rebuild(
-            self.u.view(B * Tc, r).numpy(), sv.numpy(), chunks.reshape(rows, M).numpy(), target.reshape(rows, M).numpy(),
+            self.u.view(B * Tc, r).numpy(), sv.numpy(),
+            chunks.reshape(rows, M).numpy(), target.reshape(rows, M).numpy(),
             counts.reshape(rows).numpy(), cos.float().contiguous().numpy(), sin.float().contiguous().numpy(),
             sel_k.view(rows, self.n_select, C, D).numpy(), self.v_host.view(rows, self.n_chunks, C, D).numpy(),
             sel_v.view(rows, self.n_select, C, D).numpy(), Hkv, torch.get_num_threads(),

@@ -33,7 +33,7 @@ class IndexParams:
     ----------
     ef_search : int
         Search width: the beam width L of the attention-aware graph and ``efSearch`` of
-        HNSW (raised to ``k`` when smaller). Default 128.
+        HNSW (raised to ``k`` when smaller). Default 160.
     degree : int
         Attention-aware graph: projection edges per key and query head: a training query's
         top-1 key links to the query's other top keys (RoarGraph's projection). Default 128.
@@ -70,7 +70,7 @@ class IndexParams:
         (faiss indexes use faiss' own setting). Default 0.
     """
 
-    ef_search: int = 128
+    ef_search: int = 160
     degree: int = 128
     base_degree: int = 16
     proj_prune: bool = False

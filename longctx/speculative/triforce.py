@@ -3,7 +3,8 @@
 Three levels, each one model plus one :class:`~longctx.cache.LongCtxCache`:
 
 1. **draft** — a small model with a StreamingLLM cache (``"streaming"`` backend: sinks +
-   recent window, slot positions); proposes ``draft_gamma`` tokens at a time;
+   recent window, slot positions); proposes ``draft_gamma`` tokens at a time (adaptive by
+   default, 0 when the draft does not pay for itself, see :class:`DraftLength`);
 2. **middle** — the target's weights reading a sparse cache (``"triforce_retrieval"``, the
    paper's chunk retrieval, or any registered backend: ``"shadowkv"``, ``"hip"``, ...);
    verifies the draft's tokens until it holds a block of ``gamma`` tokens;
@@ -391,7 +392,7 @@ def _hits(tokens: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.isin(tokens, eos).any(-1)
 
 
-def _finish(ids: torch.Tensor, prompt_len: int, eos: Optional[torch.Tensor], pad: Optional[int]) -> torch.Tensor:
+def trim_after_eos(ids: torch.Tensor, prompt_len: int, eos: Optional[torch.Tensor], pad: Optional[int]) -> torch.Tensor:
     """As transformers: stop at the last row's first EOS; later tokens of finished rows become ``pad``."""
     if eos is None:
         return ids
@@ -568,7 +569,7 @@ def triforce_generate(
         seq = TokenSequence(input_ids, None if attention_mask is None else attention_mask.to(device),
                         max_new_tokens + 2 * gamma + 2)
         ids = engine.run(seq, max_new_tokens, eos)
-    out = _finish(ids, input_ids.shape[1], eos, pad_token_id)
+    out = trim_after_eos(ids, input_ids.shape[1], eos, pad_token_id)
     engine.stats.new_tokens = out.shape[1] - input_ids.shape[1]  # tokens after an EOS are not delivered
     engine.stats.committed = engine.stats.new_tokens - 1
     logger.info("triforce: %d tokens, %.2f ms/token, acceptance middle %.3f top %.3f, %.2f tokens/verification",

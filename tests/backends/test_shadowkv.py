@@ -403,7 +403,8 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
     bias[2] = float("-inf")  # every chunk removed: scores 0
     for b in (bias, None):
         got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), lm.numpy(), None if b is None else b.numpy(), 0.3, 2))
-        ref = landmark_scores(q.view(1, rows * GS, 1, D), lm.transpose(1, 2).unsqueeze(0), None if b is None else b[None], 0.3)
+        bb = None if b is None else b[None]
+        ref = landmark_scores(q.view(1, rows * GS, 1, D), lm.transpose(1, 2).unsqueeze(0), bb, 0.3)
         torch.testing.assert_close(got, ref.view(rows, N), atol=1e-6, rtol=1e-5)
     lm16 = lm.bfloat16()  # bf16 landmarks travel as int16 bit patterns, scored in fp32
     got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), lm16.view(torch.int16).numpy(), bias.numpy(), 0.3, 1))
