@@ -408,18 +408,17 @@ class TinyConfig:
     hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size : int
         Llama shape; ``num_heads % num_kv_heads == 0`` (GQA) and ``head_dim >= 32``.
     rope_theta : float
-        RoPE base. A large base (1e6) keeps the slowest rotary pairs nearly constant over 16K
-        tokens (so content matching can use them at lengths never trained on) while the fastest
-        pairs still separate neighbouring tokens (previous-token heads).
+        RoPE base. A large base (1e8) keeps most rotary pairs nearly constant over 32K tokens,
+        so content matching can use them at lengths never trained on.
     """
 
     hidden_size: int = 128
-    num_layers: int = 3
+    num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    intermediate_size: int = 256
-    rope_theta: float = 1e6
+    intermediate_size: int = 384
+    rope_theta: float = 1e8
     max_position_embeddings: int = 65536
 
     def __post_init__(self):
@@ -443,7 +442,6 @@ class TinyConfig:
 
 TARGET = TinyConfig()
 DRAFT = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=192)
-MODEL_CONFIGS = {"target": TARGET, "draft": DRAFT}
 
 
 def build_model(cfg: TinyConfig, tokenizer, seed: int):
@@ -457,12 +455,10 @@ def build_model(cfg: TinyConfig, tokenizer, seed: int):
 # Training data
 # ---------------------------------------------------------------------------------------------
 # (task, weight). Word-valued and essay variants broaden the mechanism beyond the judged tasks.
-# "copy" (dense induction text, loss on every repeated token) carries most of the early signal:
-# answer-only supervision alone never formed an induction head in the first attempt.
 TRAIN_MIX = [
-    ("niah_single_1", 1.5), ("niah_single_2", 0.5), ("niah_multikey_1", 0.5),
-    ("niah_multikey_2", 1.5), ("niah_multikey_3", 1.0), ("niah_multivalue", 0.5), ("niah_multiquery", 0.5),
-    ("copy", 4.0),
+    ("niah_single_1", 2.0), ("niah_single_2", 1.0), ("niah_single_3", 1.0), ("niah_multikey_1", 1.0),
+    ("niah_multikey_2", 2.5), ("niah_multikey_3", 2.5), ("niah_multivalue", 2.5), ("niah_multiquery", 2.5),
+    ("vt", 0.5), ("copy", 2.0),
 ]
 _UNIT_TOKENS = {"noise": 25.0, "needle_numbers": 30.0, "needle_uuids": 88.0, "essay": 1.35, "vt": 25.0}
 
@@ -480,8 +476,6 @@ class SampleStream:
         self.weights = [w for _, w in mix]
         specials = set(tokenizer.all_special_ids)
         self.plain_ids = [i for i in range(len(tokenizer)) if i not in specials]
-        self.digit_ids = tokenizer.convert_tokens_to_ids(list("0123456789"))
-        self.last_tasks: list[str] = []
 
     def _units(self, task: str, n_tokens: int) -> int:
         if task == "vt":
@@ -491,35 +485,23 @@ class SampleStream:
         return max(1, int(n_tokens / _UNIT_TOKENS[key]))
 
     def _copy(self, n_tokens: int) -> tuple[list[int], list[int]]:
-        # Dense induction text: random spans (plain tokens or digit strings) of which about half
-        # repeat an earlier span at a random distance; every token of a repeat after its first is
-        # predictable and carries loss. Digit spans repeat digits, so a single previous token is
-        # ambiguous and the copy must match longer prefixes (as when copying a 7-digit value).
+        # [BOS] filler X filler X: loss on the second copy of X (induction/copying at a distance)
         rng = self.rng
-        ids, labels, spans = [self.tok.bos_token_id], [-100], []
-        while len(ids) < n_tokens:
-            if spans and rng.random() < 0.5:
-                span = rng.choice(spans)
-                lab = [-100] + span[1:]
-            else:
-                pool = self.digit_ids if rng.random() < 0.3 else self.plain_ids
-                span = [rng.choice(pool) for _ in range(rng.randint(4, 24))]
-                spans.append(span)
-                lab = [-100] * len(span)
-            ids += span
-            labels += lab
-        return ids[:n_tokens], labels[:n_tokens]
+        span = [rng.choice(self.plain_ids) for _ in range(rng.randint(8, 48))]
+        filler_len = max(0, n_tokens - 2 * len(span) - 1)
+        cut = rng.randint(0, filler_len)
+        filler = [rng.choice(self.plain_ids) for _ in range(filler_len)]
+        ids = [self.tok.bos_token_id] + filler[:cut] + span + filler[cut:] + span
+        labels = [-100] * (len(ids) - len(span) + 1) + span[1:]
+        return ids, labels
 
     def sample(self, n_tokens: int, extra_questions: int = 0) -> tuple[list[int], list[int]]:
         """Return ``(input_ids, labels)`` of at most ``n_tokens`` tokens; labels are -100 off the answers."""
         rng = self.rng
         task = rng.choices(self.tasks, self.weights)[0]
-        self.last_tasks.append(task)
         if task == "copy":
             return self._copy(n_tokens)
-        # extra question turns take ~45 tokens each: leave room so the first draw usually fits
-        extra_questions = min(extra_questions, max(0, (n_tokens - 120) // 50))
-        units = self._units(task, n_tokens - 60 - 45 * extra_questions)
+        units = self._units(task, n_tokens - 60)
         chat = rng.random() < 0.25
         while True:
             state = rng.getstate()
@@ -530,11 +512,6 @@ class SampleStream:
             p = self.tok(s.prompt)["input_ids"]
             a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             n = len(p) + len(a)
-            if n > 1.5 * n_tokens and units <= 1 and extra_questions == 0 and "uuids" in RULER_NIAH_TASKS[task][1:3]:
-                # even the smallest prompt of this task is far too long (uuids at short lengths):
-                # use copy text instead so that the batch is not padded to its length
-                self.last_tasks[-1] = "copy"
-                return self._copy(n_tokens)
             if n <= n_tokens or (units <= 1 and extra_questions == 0):
                 return p + a, [-100] * len(p) + a
             rng.setstate(state)
@@ -549,7 +526,6 @@ def make_batch(stream: SampleStream, batch_size: int, min_len: int, max_len: int
     """Pad a batch on the right; with probability ``pose_prob`` a sample's position ids skip ahead
     once (PoSE) so that relative distances up to ``max_position`` are seen at short lengths."""
     rng = stream.rng
-    stream.last_tasks = []
     seqs = [stream.sample(rng.randint(min_len, max_len), extra_questions) for _ in range(batch_size)]
     L = max(len(s[0]) for s in seqs)
     ids = torch.full((batch_size, L), pad_id, dtype=torch.long)
@@ -579,17 +555,6 @@ class Stage:
     extra_questions: int = 0
 
 
-# The recipe (second attempt, issue 7): dense copy text + RULER NIAH answers from the start, a
-# 3-layer target, RoPE base 1e6, short contexts to form the induction/retrieval circuit, then
-# a length curriculum up to 4K tokens. No PoSE skips (they did not generalise in the trial).
-CURRICULUM = [
-    Stage(steps=1200, min_len=128, max_len=256, batch_size=12, extra_questions=4),
-    Stage(steps=300, min_len=512, max_len=1024, batch_size=4, extra_questions=3),
-    Stage(steps=100, min_len=1024, max_len=2048, batch_size=2, extra_questions=2),
-    Stage(steps=40, min_len=2048, max_len=4096, batch_size=1, extra_questions=1),
-]
-
-# First attempt (kept for the record; the shipped weights before the recipe above).
 # Phase 1: the first stage of a 3-stage curriculum (the schedule spans all three; training stops
 # after stage 0, as the first run did: 400 steps left the loss on a plateau, no retrieval yet).
 PHASE1_CURRICULUM = [
@@ -608,16 +573,11 @@ PHASE2_CURRICULUM = [
 
 
 def _loss(model, ids, labels, pos, autocast: bool):
-    """Mean over sequences of each sequence's mean token loss; also returns the per-sequence losses [B]."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and ids.device.type == "cpu"):
         logits = model(input_ids=ids, position_ids=pos).logits
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
-    tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [B, S-1]
-    mask = (target != -100).to(tok_loss.dtype)
-    n = mask.sum(1)
-    per_seq = (tok_loss * mask).sum(1) / n.clamp(min=1)
-    return per_seq[n > 0].mean(), per_seq.detach()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
 def train(
@@ -634,14 +594,12 @@ def train(
     on_stage_end=None,
     mix: Optional[Sequence[tuple[str, float]]] = None,
     stop_after_stage: Optional[int] = None,
-    save_every: int = 0,
 ) -> list[dict]:
     """Train every model in ``models`` (name -> LlamaForCausalLM) on the same seeded batches.
 
     ``on_stage_end(stage_index)`` is called after each curriculum stage (e.g. to checkpoint);
     ``mix`` overrides the (task, weight) mixture ``TRAIN_MIX``; ``stop_after_stage`` ends training
-    after that stage (the learning-rate schedule still spans the whole curriculum); with
-    ``save_every > 0``, ``on_stage_end(stage_index)`` is also called every ``save_every`` steps.
+    after that stage (the learning-rate schedule still spans the whole curriculum).
     Returns the logged history (one dict per logged step with the losses).
     """
     essay_words = essay_words if essay_words is not None else load_essay_words()
@@ -661,18 +619,13 @@ def train(
         m.train()
     for si, stage in enumerate(curriculum):
         running = {n: 0.0 for n in models}
-        by_kind = {"copy": [0.0, 0], "niah": [0.0, 0]}  # first model's loss on copy / NIAH sequences
         for _ in range(stage.steps):
             ids, labels, pos = make_batch(stream, stage.batch_size, stage.min_len, stage.max_len, stage.pose_prob,
                                           max_position, tokenizer.pad_token_id, stage.extra_questions)
             for n, m in models.items():
                 for g in opts[n].param_groups:
                     g["lr"] = lr_at(step)
-                loss, per_seq = _loss(m, ids, labels, pos, autocast)
-                if n == next(iter(models)):
-                    for task, v in zip(stream.last_tasks, per_seq.tolist()):
-                        kind = by_kind["copy" if task == "copy" else "niah"]
-                        kind[0], kind[1] = kind[0] + v, kind[1] + 1
+                loss = _loss(m, ids, labels, pos, autocast)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
                 opts[n].step()
@@ -683,13 +636,9 @@ def train(
                 k = (step - 1) % log_every + 1
                 rec = {"step": step, "stage": si, "len": ids.shape[1], "elapsed_s": round(time.time() - t0, 1)}
                 rec.update({f"loss_{n}": round(v / k, 4) for n, v in running.items()})
-                rec.update({f"{kd}_loss": round(v / c, 4) for kd, (v, c) in by_kind.items() if c})
                 history.append(rec)
                 logger.info("%s", json.dumps(rec))
                 running = {n: 0.0 for n in models}
-                by_kind = {"copy": [0.0, 0], "niah": [0.0, 0]}
-            if save_every and step % save_every == 0 and on_stage_end is not None:
-                on_stage_end(si)
         if on_stage_end is not None:
             on_stage_end(si)
         if stop_after_stage is not None and si >= stop_after_stage:
@@ -814,24 +763,19 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared 2-core machine 1 thread was ~7x faster than 2")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--models", default="target,draft",
-                   help="which models to train ('target', 'draft' or both): they see the same seeded batches, "
-                        "so training them in two processes gives the same weights as one")
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
-    p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (default fp32)")
+    p.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--log-file", default=None, help="also append the log to this file")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0 = per stage)")
-    p.add_argument("--init-from", default=None,
-                   help="continue from the checkpoint folders (tiny-target/, tiny-draft/) in this folder")
-    p.add_argument("--from-stage", type=int, default=0, help="start at this curriculum stage (with --init-from)")
-    p.add_argument("--stage0", default=None,
-                   help="override stage 0 as 'steps,min_len,max_len,batch_size' (--steps-scale not applied)")
     p.add_argument("--eval-lengths", default="4096", help="comma-separated lengths for the final quick eval ('' = none)")
     p.add_argument("--eval-samples", type=int, default=20)
     p.add_argument("--eval-tasks", default=",".join(DONE_WHEN_TASKS), help="comma-separated RULER NIAH tasks")
     p.add_argument("--agreement-lengths", default="4096", help="lengths at which draft agreement is measured")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
+    p.add_argument("--phase1-only", action="store_true",
+                   help="stop after phase 1 (this reproduces the checkpoint shipped in longctx/models_data)")
+    p.add_argument("--init-from", default=None,
+                   help="skip phase 1 by loading its checkpoint (tiny-target/, tiny-draft/) from this folder")
     return p.parse_args(argv)
 
 
@@ -846,44 +790,46 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    names = [n for n in args.models.split(",") if n]
-    for n in names:
-        if n not in MODEL_CONFIGS:
-            raise ValueError(f"train-tiny requires --models from {sorted(MODEL_CONFIGS)} (got {n!r})")
     if args.eval_only:
         tok = AutoTokenizer.from_pretrained(out / "tiny-target")
         target = AutoModelForCausalLM.from_pretrained(out / "tiny-target").eval()
-        draft = AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval() if (out / "tiny-draft").exists() else None
+        draft = AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval()
     else:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         essay = load_essay_words()
         tok = build_tokenizer(seed=args.seed, essay_words=essay)
-        models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
-        if args.init_from:
-            models = {n: AutoModelForCausalLM.from_pretrained(Path(args.init_from) / f"tiny-{n}") for n in names}
-            logger.info("initialised %s from %s", names, args.init_from)
-        curriculum = [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in CURRICULUM]
-        if args.stage0:
-            st, lo, hi, bs = (int(x) for x in args.stage0.split(","))
-            curriculum[0] = dataclasses.replace(curriculum[0], steps=st, min_len=lo, max_len=hi, batch_size=bs)
-        curriculum = curriculum[args.from_stage:]
-        logger.info("vocab %d %s curriculum %s lr %g", len(tok),
-                    {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
-                    [dataclasses.asdict(s) for s in curriculum], args.lr)
+        target = build_model(TARGET, tok, args.seed)
+        draft = build_model(DRAFT, tok, args.seed + 1)
+        scale = lambda cur: [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in cur]  # noqa: E731
+        phase1, phase2 = scale(PHASE1_CURRICULUM), scale(PHASE2_CURRICULUM)
+        logger.info("vocab %d target %d params draft %d params", len(tok),
+                    sum(p.numel() for p in target.parameters()), sum(p.numel() for p in draft.parameters()))
         t0 = time.time()
 
         def checkpoint(si):
-            for n, m in models.items():
-                save_model(m, tok, out / f"tiny-{n}")
+            save_model(target, tok, out / "tiny-target")
+            save_model(draft, tok, out / "tiny-draft")
             logger.info("stage %d done after %.1f min; saved to %s", si, (time.time() - t0) / 60, out)
 
-        train(models, tok, curriculum, seed=args.seed + args.from_stage, lr=args.lr, autocast=args.autocast, essay_words=essay,
-              on_stage_end=checkpoint, save_every=args.save_every)
+        if args.init_from:
+            # resume shortcut: the phase-1 checkpoint saved by an earlier run of this same script
+            target = AutoModelForCausalLM.from_pretrained(Path(args.init_from) / "tiny-target")
+            draft = AutoModelForCausalLM.from_pretrained(Path(args.init_from) / "tiny-draft")
+            logger.info("phase 1 loaded from %s", args.init_from)
+        else:
+            logger.info("phase 1 curriculum %s (stop after stage %d)", [dataclasses.asdict(s) for s in phase1],
+                        PHASE1_STOP_AFTER)
+            train({"target": target, "draft": draft}, tok, phase1, seed=args.seed, lr=args.lr,
+                  autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint,
+                  stop_after_stage=PHASE1_STOP_AFTER)
+        if not args.phase1_only:
+            logger.info("phase 2 curriculum %s", [dataclasses.asdict(s) for s in phase2])
+            train({"target": target, "draft": draft}, tok, phase2, seed=args.seed + 1, lr=args.lr * 2 / 3,
+                  warmup=20, autocast=not args.no_autocast, essay_words=essay, on_stage_end=checkpoint)
         logger.info("training took %.1f min", (time.time() - t0) / 60)
-        target, draft = models.get("target"), models.get("draft")
-        if target is None:
-            return 0
+        save_model(target, tok, out / "tiny-target")
+        save_model(draft, tok, out / "tiny-draft")
     lengths = [int(x) for x in args.eval_lengths.split(",") if x]
     if lengths:
         agree = [int(x) for x in args.agreement_lengths.split(",") if x]
