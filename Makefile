@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the default (CUDA) torch wheel"; \
-		$(PIP) install -q "torch>=2.4,<2.16"; \
+		$(PIP) install -q "torch>=2.5,<2.16"; \
 	else \
 		echo "No GPU: installing the CPU torch wheel ($(TORCH_CPU_SPEC))"; \
 		$(PIP) install -q "$(TORCH_CPU_SPEC)"; \

@@ -11,15 +11,16 @@
 //   the entries are attached (NSG's repair). Keys inserted after the build join this layer.
 //
 // Keys stay owned by Python: a float32 view [Hkv, N, D] (any head/row stride, contiguous rows)
-// is passed to every call and never copied, so the host tier holds K once. Work is parallel
+// is passed to every call and never copied. With `half_keys` (default) the index keeps an fp16
+// copy that decode searches score (half the bytes per scored key; they are bound by memory
+// reads); the build and the exact attention read the fp32 keys. Work is parallel
 // over KV heads (base build, insertion), query heads (projection) and (head, query) pairs
 // (search) with OpenMP; no Python runs inside and the GIL is released. Scores are inner
 // products (maximum inner product search); "closer" means a larger q.k.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 // gcc 12 flags the _mm*_undefined_* placeholders inside its own AVX-512 headers
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -31,7 +32,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -69,9 +69,95 @@ inline float l2(const float* __restrict a, const float* __restrict b, int64_t d)
 }
 
 // Pull a key row into cache before it is scored: graph search is bound by random memory reads.
-inline void prefetch_row(const float* p, int64_t d) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(c + off, 0, 3);
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+inline void prefetch_row(const float* p, int64_t d) { prefetch_bytes(p, d * static_cast<int64_t>(sizeof(float))); }
+
+// IEEE half precision, scalar (round to nearest even; magnitudes beyond 65504 saturate).
+inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t e32 = (x >> 23) & 0xffu;
+  uint32_t mant = x & 0x7fffffu;
+  if (e32 == 0xffu) return static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0u));
+  const int32_t e = static_cast<int32_t>(e32) - 127 + 15;
+  if (e >= 31) return static_cast<uint16_t>(sign | 0x7bffu);
+  if (e <= 0) {
+    if (e < -10) return static_cast<uint16_t>(sign);
+    mant |= 0x800000u;
+    const uint32_t shift = static_cast<uint32_t>(14 - e);
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+    if (rem > halfway || (rem == halfway && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = (static_cast<uint32_t>(e) << 10) | (mant >> 13);
+  const uint32_t rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  if ((h & 0x7c00u) == 0x7c00u) h = 0x7bffu;  // rounding overflowed: saturate
+  return static_cast<uint16_t>(sign | h);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  int32_t e = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ffu, x;
+  if (e == 0) {
+    if (mant == 0) {
+      x = sign;
+    } else {  // subnormal: normalise
+      e = 1;
+      while (!(mant & 0x400u)) {
+        mant <<= 1;
+        --e;
+      }
+      x = sign | (static_cast<uint32_t>(e + 127 - 15) << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (e == 31) {
+    x = sign | 0x7f800000u | (mant << 13);
+  } else {
+    x = sign | (static_cast<uint32_t>(e + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+// q (fp32) . h (fp16 row)
+inline float dot_f16(const float* __restrict q, const uint16_t* __restrict h, int64_t d) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= d; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))), acc);
+  s = _mm512_reduce_add_ps(acc);
+#elif defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= d; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float v : lanes) s += v;
+#endif
+  for (; i < d; ++i) s += q[i] * f16_to_f32(h[i]);
+  return s;
+}
+
+// Row r of a key set converted to fp16 into out[0, d).
+inline void to_f16(const float* __restrict r, uint16_t* __restrict out, int64_t d) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 lim = _mm512_set1_ps(65504.f), neg = _mm512_set1_ps(-65504.f);
+  for (; i + 16 <= d; i += 16) {
+    const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_loadu_ps(r + i), lim), neg);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  for (; i < d; ++i) out[i] = f32_to_f16(r[i]);
 }
 
 struct Cand {
@@ -81,29 +167,26 @@ struct Cand {
 // Best first; ties broken by id so duplicates of one id end up adjacent after a sort.
 inline bool better(const Cand& a, const Cand& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
 
-// Epoch-tagged visited set: reset is O(1) except when it grows or the epoch wraps.
+// Visited set of one search: a bitset, cleared per search (N/8 bytes: 16 KB at 128K keys, so
+// it stays in L1/L2 where the random tests of a graph walk are cheap).
 class Visited {
  public:
   void reset(size_t n) {
-    if (tag_.size() < n) {
-      tag_.assign(n + n / 4 + 1024, 0);
-      epoch_ = 0;
-    }
-    if (++epoch_ == 0) {
-      std::fill(tag_.begin(), tag_.end(), 0);
-      epoch_ = 1;
-    }
+    const size_t words = (n + 63) / 64;
+    if (bits_.size() < words) bits_.resize(words);
+    std::fill(bits_.begin(), bits_.begin() + words, 0);
   }
   // true if already visited; marks it otherwise
   bool test_set(uint32_t i) {
-    if (tag_[i] == epoch_) return true;
-    tag_[i] = epoch_;
+    uint64_t& w = bits_[i >> 6];
+    const uint64_t b = uint64_t{1} << (i & 63);
+    if (w & b) return true;
+    w |= b;
     return false;
   }
 
  private:
-  std::vector<uint32_t> tag_;
-  uint32_t epoch_ = 0;
+  std::vector<uint64_t> bits_;
 };
 
 // The beam: the best L candidates seen so far, sorted best first, with a cursor on the best
@@ -248,26 +331,45 @@ struct GraphView {
   uint32_t n;
 };
 
-// Best-first beam search of width L for the keys with the largest inner product with q.
-// `skip` (a node id or kNone) is traversed but left out of the beam. Returns the keys scored.
-int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size_t L, uint32_t skip, Scratch& s,
-                    const int64_t* seeds = nullptr, int64_t n_seeds = 0) {
-  const int64_t D = keys.dim;
+// How a search scores key rows against its query: fp32 rows of the caller's key store, or the
+// index's fp16 copy (half the bytes per scored key; decode searches are bound by memory reads).
+struct F32Scorer {
+  const KeySet* keys;
+  const float* q;
+  float score(uint32_t id) const { return dot(q, keys->row(id), keys->dim); }
+  void prefetch(uint32_t id) const { prefetch_row(keys->row(id), keys->dim); }
+};
+
+struct F16Scorer {
+  const uint16_t* rows;
+  int64_t dim;
+  const float* q;
+  float score(uint32_t id) const { return dot_f16(q, rows + static_cast<int64_t>(id) * dim, dim); }
+  void prefetch(uint32_t id) const {
+    prefetch_bytes(rows + static_cast<int64_t>(id) * dim, dim * static_cast<int64_t>(sizeof(uint16_t)));
+  }
+};
+
+// Best-first beam search of width L for the keys with the largest inner product with the
+// scorer's query. `skip` (a node id or kNone) is traversed but left out of the beam. Returns
+// the number of keys scored.
+template <class Scorer>
+int64_t beam_search(const GraphView& g, const Scorer& sc, size_t L, uint32_t skip, Scratch& s) {
   s.visited.reset(g.n);
   s.beam.reset(L);
   int64_t scanned = 0;
-  constexpr size_t PF = 4;  // rows prefetched ahead: a 512-byte row is 8 cache lines
+  constexpr size_t PF = 8;  // rows prefetched ahead of the one being scored
   auto score_fresh = [&]() {
     const size_t m = s.fresh.size();
-    for (size_t j = 0; j < m && j < PF; ++j) prefetch_row(keys.row(s.fresh[j]), D);
+    for (size_t j = 0; j < m && j < PF; ++j) sc.prefetch(s.fresh[j]);
     size_t min_pos = static_cast<size_t>(-1);
     for (size_t j = 0; j < m; ++j) {
-      if (j + PF < m) prefetch_row(keys.row(s.fresh[j + PF]), D);
+      if (j + PF < m) sc.prefetch(s.fresh[j + PF]);
       const uint32_t id = s.fresh[j];
-      const float sc = dot(q, keys.row(id), D);
+      const float score = sc.score(id);
       ++scanned;
       if (id == skip) continue;
-      const size_t pos = s.beam.insert({sc, id});
+      const size_t pos = s.beam.insert({score, id});
       if (pos < min_pos) min_pos = pos;
     }
     return min_pos;
@@ -289,10 +391,6 @@ int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size
   for (uint32_t e : *g.entries) {
     if (e < g.n && !s.visited.test_set(e)) s.fresh.push_back(e);
   }
-  for (int64_t j = 0; j < n_seeds; ++j) {
-    if (seeds[j] >= 0 && seeds[j] < g.n && !s.visited.test_set(static_cast<uint32_t>(seeds[j])))
-      s.fresh.push_back(static_cast<uint32_t>(seeds[j]));
-  }
   score_fresh();
   // the skipped node may be the only entry: start from its neighbours then
   if (!s.beam.has_next() && skip < g.n) {
@@ -308,6 +406,10 @@ int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size
     s.beam.advance(score_fresh());
   }
   return scanned;
+}
+
+int64_t beam_search(const GraphView& g, const KeySet& keys, const float* q, size_t L, uint32_t skip, Scratch& s) {
+  return beam_search(g, F32Scorer{&keys, q}, L, skip, s);
 }
 
 // Occlusion pruning (RoarGraph / NSG rule). Candidates are ranked by closeness to node x
@@ -513,9 +615,9 @@ uint32_t centroid_key(const KeySet& ks) {
 class GraphIndex {
  public:
   GraphIndex(int num_graphs, int group_size, int dim, int degree, int base_degree, int build_ef, bool proj_prune,
-             bool proj_reverse)
+             bool proj_reverse, bool half_keys)
       : num_graphs_(num_graphs), group_size_(group_size), dim_(dim), degree_(degree), base_degree_(base_degree),
-        build_ef_(build_ef), proj_prune_(proj_prune), proj_reverse_(proj_reverse) {
+        build_ef_(build_ef), proj_prune_(proj_prune), proj_reverse_(proj_reverse), half_(half_keys) {
     if (num_graphs <= 0 || group_size <= 0 || num_graphs % group_size)
       throw std::invalid_argument("GraphIndex requires num_graphs > 0 divisible by group_size > 0 (got " +
                                   std::to_string(num_graphs) + ", " + std::to_string(group_size) + ")");
@@ -529,6 +631,7 @@ class GraphIndex {
     for (auto& b : base_) b.R = static_cast<uint32_t>(base_degree);
     proj_.resize(num_graphs);
     entries_.resize(num_graphs);
+    half_keys_.resize(base_.size());
   }
 
   // keys: [Hkv, N, D] float32; knn: [H, Nq, Kq] int32, the exact top-Kq keys of each training
@@ -558,6 +661,7 @@ class GraphIndex {
       base.deg.clear();
       entries.clear();
       base.resize(static_cast<uint32_t>(n));
+      sync_half(kv, sets[kv], 0);
       if (n == 0) continue;
       entries.push_back(centroid_key(sets[kv]));
       for (uint32_t x = 0; x < base.n; ++x) insert_base(base, entries, sets[kv], x, build_ef_, base_rule(), s);
@@ -615,6 +719,7 @@ class GraphIndex {
       Scratch& s = scratch_[omp_get_thread_num()];
       Adjacency& base = base_[kv];
       const uint32_t start = base.n;
+      sync_half(kv, sets[kv], start);
       base.resize(static_cast<uint32_t>(n));
       for (uint32_t x = start; x < base.n; ++x) insert_base(base, base_entries_[kv], sets[kv], x, build_ef_, base_rule(), s);
       // re-pruning may have cut the last in-edge of some key: attach those again
@@ -629,16 +734,8 @@ class GraphIndex {
 
   // queries: [H, S, D]. Returns (ids [H, S, k] int64 best first, -1 padded; scanned [H, S] int64).
   py::tuple search(const py::array& keys, const py::array_t<float, py::array::c_style | py::array::forcecast>& queries,
-                   int k, int ef, int num_threads, std::optional<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> seeds) {
+                   int k, int ef, int num_threads) {
     std::vector<KeySet> sets = key_sets(keys);
-    const int64_t* seed_ptr = nullptr;
-    int64_t n_seeds = 0;
-    if (seeds) {
-      if (seeds->ndim() != 3 || seeds->shape(0) != num_graphs_ || seeds->shape(1) != queries.shape(1))
-        throw std::invalid_argument("GraphIndex.search requires seeds of shape [H, S, m]");
-      seed_ptr = seeds->data();
-      n_seeds = seeds->shape(2);
-    }
     if (sets[0].n != n_keys())
       throw std::invalid_argument("GraphIndex.search requires keys with n_keys=" + std::to_string(n_keys()) +
                                   " rows (got " + std::to_string(sets[0].n) + ")");
@@ -683,7 +780,11 @@ class GraphIndex {
           continue;
         }
         GraphView view{&base_[h / group_size_], &proj_[h], &entries_[h], static_cast<uint32_t>(n)};
-        scan_ptr[t] = beam_search(view, ks, q, L, kNone, s, seed_ptr ? seed_ptr + t * n_seeds : nullptr, n_seeds);
+        if (half_) {
+          scan_ptr[t] = beam_search(view, F16Scorer{half_keys_[h / group_size_].data(), dim_, q}, L, kNone, s);
+        } else {
+          scan_ptr[t] = beam_search(view, F32Scorer{&ks, q}, L, kNone, s);
+        }
         const auto& items = s.beam.items();
         const size_t m = std::min<size_t>(static_cast<size_t>(k), items.size());
         for (size_t i = 0; i < m; ++i) out[i] = items[i].id;
@@ -700,6 +801,8 @@ class GraphIndex {
     const uint32_t m = static_cast<uint32_t>(n);
     py::gil_scoped_release release;
     for (auto& b : base_) b.truncate(m);
+    if (half_)
+      for (auto& hk : half_keys_) hk.resize(static_cast<size_t>(m) * dim_);
     for (auto& p : proj_) p.truncate(m);
     auto filter = [m](std::vector<uint32_t>& e) {
       e.erase(std::remove_if(e.begin(), e.end(), [m](uint32_t x) { return x >= m; }), e.end());
@@ -718,6 +821,7 @@ class GraphIndex {
     for (const auto& b : base_) total += b.nbytes();
     for (const auto& p : proj_) total += p.nbytes();
     for (const auto& e : entries_) total += e.capacity() * sizeof(uint32_t);
+    for (const auto& hk : half_keys_) total += hk.capacity() * sizeof(uint16_t);
     return static_cast<int64_t>(total);
   }
 
@@ -801,6 +905,7 @@ class GraphIndex {
   int build_ef() const { return build_ef_; }
   bool proj_prune() const { return proj_prune_; }
   bool proj_reverse() const { return proj_reverse_; }
+  bool half_keys() const { return half_; }
 
  private:
   // key-key edges: L2 occlusion (keys are in distribution with each other), filled to the degree
@@ -852,6 +957,14 @@ class GraphIndex {
     }
   }
 
+  // Converts rows [start, N) of a key set into the fp16 copy (rows before start are kept).
+  void sync_half(int kv, const KeySet& ks, uint32_t start) {
+    if (!half_) return;
+    auto& hk = half_keys_[kv];
+    hk.resize(static_cast<size_t>(ks.n) * dim_);
+    for (int64_t i = start; i < ks.n; ++i) to_f16(ks.row(static_cast<uint32_t>(i)), hk.data() + i * dim_, dim_);
+  }
+
   void repair_all(const std::vector<KeySet>& sets, int num_threads) {
     const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
     const int num_kv = static_cast<int>(base_.size());
@@ -868,7 +981,8 @@ class GraphIndex {
   }
 
   int num_graphs_, group_size_, dim_, degree_, base_degree_, build_ef_;
-  bool proj_prune_, proj_reverse_;
+  bool proj_prune_, proj_reverse_, half_;
+  std::vector<std::vector<uint16_t>> half_keys_;  // [Hkv][N * D] fp16 copy scored by decode searches
   std::vector<Adjacency> base_;                    // [Hkv] key-key layer
   std::vector<std::vector<uint32_t>> base_entries_;  // [Hkv]
   std::vector<Csr> proj_;                          // [H] projection edges
@@ -944,13 +1058,14 @@ One graph per query head (H = num_graphs); query head h searches key set h // gr
 Keys are passed to every call as a float32 array [Hkv, N, D] (rows contiguous, any head/row
 stride) and are never copied.
 )doc")
-      .def(py::init<int, int, int, int, int, int, bool, bool>(), "num_graphs"_a, "group_size"_a, "dim"_a,
-           "degree"_a = 128, "base_degree"_a = 16, "build_ef"_a = 64, "proj_prune"_a = false, "proj_reverse"_a = false)
+      .def(py::init<int, int, int, int, int, int, bool, bool, bool>(), "num_graphs"_a, "group_size"_a, "dim"_a,
+           "degree"_a = 128, "base_degree"_a = 16, "build_ef"_a = 64, "proj_prune"_a = false, "proj_reverse"_a = false,
+           "half_keys"_a = true)
       .def("build", &GraphIndex::build, "keys"_a, "knn"_a, "num_entry"_a = 4, "num_threads"_a = 0,
            "Build every graph from keys [Hkv, N, D] and the training queries' exact kNN lists knn [H, Nq, Kq] int32.")
       .def("add", &GraphIndex::add, "keys"_a, "num_threads"_a = 0,
            "Insert rows [n_keys, N) of keys [Hkv, N, D] into every graph.")
-      .def("search", &GraphIndex::search, "keys"_a, "queries"_a, "k"_a, "ef"_a, "num_threads"_a = 0, "seeds"_a = py::none(),
+      .def("search", &GraphIndex::search, "keys"_a, "queries"_a, "k"_a, "ef"_a, "num_threads"_a = 0,
            "Beam search: queries [H, S, D] -> (ids [H, S, k] int64 best first, -1 padded; scanned [H, S] int64).")
       .def("truncate", &GraphIndex::truncate, "n_keys"_a, "Drop keys [n_keys, N) and their edges.")
       .def("nbytes", &GraphIndex::nbytes)
@@ -967,7 +1082,8 @@ stride) and are never copied.
       .def_property_readonly("base_degree", &GraphIndex::base_degree)
       .def_property_readonly("build_ef", &GraphIndex::build_ef)
       .def_property_readonly("proj_prune", &GraphIndex::proj_prune)
-      .def_property_readonly("proj_reverse", &GraphIndex::proj_reverse);
+      .def_property_readonly("proj_reverse", &GraphIndex::proj_reverse)
+      .def_property_readonly("half_keys", &GraphIndex::half_keys);
 }
 
 }  // namespace longctx

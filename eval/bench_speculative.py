@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longctx bench --speculative", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="target model (path, hub id, or bundled short name)")
     p.add_argument("--draft", default="tiny-draft", help="draft model sharing the target's tokenizer")
-    p.add_argument("--random-models", action="store_true", help="random models of the bundled shapes (no weights needed)")
+    p.add_argument("--random-models", action="store_true",
+                   help="random models of the bundled shapes (no weights needed)")
     p.add_argument("--context", type=int, default=16384, help="prompt + generation length (RULER sizing rule)")
     p.add_argument("--task", default="niah_multivalue", help="RULER NIAH task of the prompt (longctx.tiny)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-window", type=int, default=240)
     p.add_argument("--skip", default="", help="comma-separated methods to skip: autoregressive-dense,assisted")
     p.add_argument("--repeats", type=int, default=3, help="interleaved decode rounds per method (median reported)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on a shared machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: stable on a shared machine)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows and the setup to this file")
@@ -290,7 +292,8 @@ def _triforce_methods(target, draft, ids, args, eos, middles) -> list[_Method]:
                 drf.cache, drf.cached = copy.deepcopy(draft_state), P
                 seq = TokenSequence(ids, None, room)
                 seq.append(first)
-                engine = TriForceEngine(drf, mid, top, Rules.from_options(), gamma, DraftLength(args.draft_gamma, gamma))
+                draft_len = DraftLength(args.draft_gamma, gamma)
+                engine = TriForceEngine(drf, mid, top, Rules.from_options(), gamma, draft_len)
                 out = trim_after_eos(engine.decode(seq, N, eos_t), P, eos_t, None)
             st = engine.stats
             st.committed = out.shape[1] - P - 1
@@ -367,8 +370,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
              "task": "random" if args.random_models else args.task, "threads": args.threads,
              "gamma": args.gamma or 6, "draft_gamma": args.draft_gamma or "adaptive",
              "draft_cache": {"sinks": args.draft_sinks, "window": args.draft_window},
-             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), torch {torch.__version__}",
-             "model": "random" if args.random_models else args.model, "draft": "random" if args.random_models else args.draft}
+             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), "
+                        f"torch {torch.__version__}",
+             "model": "random" if args.random_models else args.model,
+             "draft": "random" if args.random_models else args.draft}
     return setup, rows
 
 

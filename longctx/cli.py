@@ -156,7 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_BENCH_MODES = {"--speculative": "longctx.eval.bench_speculative", "--index-recall": "longctx.eval.bench_index"}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = next((a for a in argv[1:2] if a in _BENCH_MODES), None) if argv[:1] == ["bench"] else None
+    if mode is not None:
+        # `longctx bench --speculative ...` / `--index-recall ...`: the rest belongs to that bench's own parser
+        rest = [a for a in argv[2:] if a != "--"]
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return int(importlib.import_module(_BENCH_MODES[mode]).main(rest) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

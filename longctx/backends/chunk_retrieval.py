@@ -24,7 +24,9 @@ from longctx.backends.dense import GrowingKV, grouped_attention
 from longctx.config import TriForceRetrievalConfig
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: Optional[int] = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: Optional[int] = None
+) -> torch.Tensor:
     """Exact causal attention of the last Sq prompt queries over the prompt.
 
     ``q [B, H, Sq, D]``, ``k, v [B, Hkv, S, D]`` -> ``[B, H, Sq, D]``. A full prefill (Sq == S)

@@ -49,6 +49,7 @@ def _index_params(config: RetrievalConfig):
         nprobe=config.nprobe,
         nlist=config.nlist,
         hnsw_m=config.hnsw_m,
+        half_keys=config.half_keys,
         num_threads=config.num_threads,
     )
 
@@ -179,11 +180,12 @@ class RetrievalLayer(BackendLayer):
         # -- retrieved part: top-k offloaded keys per query head, attended on the host tier
         ids = self._search(q)  # [B, H, S, K]
         t0 = time.perf_counter()
-        out_r, lse_r = self._retrieved_attention(q, ids)
+        sel = self._group_union(ids)  # [B, Hkv, G*S*K]
+        out_r, lse_r = self._retrieved_attention(q, sel)
         out, _ = merge_states(out_s, lse_s, out_r.to(device=q.device, dtype=out_s.dtype), lse_r.to(q.device))
         self._attn_s_last = time.perf_counter() - t0
-        self._union_last = float((self._group_union(ids) >= 0).sum()) / (ids.shape[0] * self.ctx.num_kv_heads)
-        self._record(q, ids)
+        self._union_last = float((sel >= 0).sum()) / sel.shape[0] / sel.shape[1]
+        self._record(q, sel)
         return out
 
     def _search(self, q: torch.Tensor) -> torch.Tensor:
@@ -201,8 +203,8 @@ class RetrievalLayer(BackendLayer):
         self._scanned_total += self._scanned_last
         return torch.stack(ids)
 
-    def _retrieved_attention(self, q: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of ``q`` ``[B, H, S, D]`` over the retrieved keys, on the host tier.
+    def _retrieved_attention(self, q: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``q`` ``[B, H, S, D]`` over the retrieved rows ``sel`` ``[B, Hkv, M]``, on the host tier.
 
         ``sparse_attention`` selects keys per (sequence, KV head), so each query head attends
         the union of its GQA group's (and a verification step's S queries') retrieved keys: a
@@ -210,8 +212,6 @@ class RetrievalLayer(BackendLayer):
         reads the whole capacity buffer ``[B, Hkv, capacity, D]`` (contiguous, no copy);
         only rows ``< n_offloaded`` are ever selected.
         """
-        B, H, S, D = q.shape
-        sel = self._group_union(ids)  # [B, Hkv, G*S*K], -1 = none
         qh = q.detach().to(device="cpu", dtype=torch.float32)
         return sparse_attention(qh, self.host_k, self.host_v, sel, self.ctx.scale)
 
@@ -270,8 +270,8 @@ class RetrievalLayer(BackendLayer):
         """The host keys of sequence b as a numpy view ``[Hkv, n_offloaded, D]`` (no copy)."""
         return self.host_k[b, :, : self.n_offloaded].numpy()
 
-    def _record(self, q: torch.Tensor, ids: Optional[torch.Tensor]) -> None:
-        """Diagnostics seam: ``attended`` ``[B, H, S, T]`` = static keys (causal) + retrieved keys."""
+    def _record(self, q: torch.Tensor, sel: Optional[torch.Tensor]) -> None:
+        """Diagnostics seam: ``attended`` ``[B, H, S, T]`` = static keys (causal) + retrieved rows ``sel``."""
         if not self.record_attended:
             self.attended = None
             return
@@ -282,10 +282,9 @@ class RetrievalLayer(BackendLayer):
         start = self.n_sink_held + self.n_offloaded
         causal = torch.arange(start, T).unsqueeze(0) <= torch.arange(T - S, T).unsqueeze(1)  # [S, R + S]
         mask[..., start:] = causal
-        if ids is not None:
+        if sel is not None:
             # every head of a GQA group attends the group's union, for all S queries
             G = self.ctx.group_size
-            sel = self._group_union(ids)
             b_i, kv_i, k_i = (sel >= 0).nonzero(as_tuple=True)
             pos = sel[b_i, kv_i, k_i] + self.n_sink_held
             for g in range(G):

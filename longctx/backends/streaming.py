@@ -46,7 +46,7 @@ def window_mask(n_queries: int, n_keys: int, sinks: int, window: int, device: to
 COMPACT_EVERY = 64  # tokens held beyond capacity before one eviction, so keys are re-rotated once per 64 steps
 
 
-@register_backend("streaming", StreamingConfig, "StreamingLLM: attention sinks + recent window (TriForce's draft cache)")
+@register_backend("streaming", StreamingConfig, "StreamingLLM: attention sinks + recent window (TriForce's draft)")
 class StreamingLayer(BackendLayer):
     """Attention over sinks and a recent window, with slot-indexed positions.
 
@@ -121,7 +121,8 @@ class StreamingLayer(BackendLayer):
     def _append(self, kp: torch.Tensor, v: torch.Tensor) -> None:
         S = kp.shape[2]
         if self.length + S > self.kp.shape[2]:
-            self._store(torch.cat([self.kp[:, :, : self.length], kp], 2), torch.cat([self.v[:, :, : self.length], v], 2))
+            L = self.length
+            self._store(torch.cat([self.kp[:, :, :L], kp], 2), torch.cat([self.v[:, :, :L], v], 2))
         else:
             L = self.length
             self.kp[:, :, L : L + S].copy_(kp)
@@ -139,8 +140,8 @@ class StreamingLayer(BackendLayer):
         out = prefill_attention(q, k, v, self.ctx.scale)
         self.prompt_len, self.generated = S, 0
         if S > self.capacity:  # evict before un-rotating: only the held keys need it
-            keep = torch.cat([torch.arange(self.config.sinks), torch.arange(S - (self.capacity - self.config.sinks), S)])
-            keep = keep.to(k.device)
+            sinks = self.config.sinks
+            keep = torch.cat([torch.arange(sinks), torch.arange(S - (self.capacity - sinks), S)]).to(k.device)
             k, v, positions = k.index_select(2, keep), v.index_select(2, keep), positions.index_select(1, keep)
             self._evicted += S - self.capacity
         self._store(self.ctx.rotary.invert(k, positions) if self._slots else k, v)
@@ -203,15 +204,20 @@ class StreamingLayer(BackendLayer):
 
 
 def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE (scaled by ``cos² + sin²``, see :meth:`RotaryHelper.invert`) given its ``cos``/``sin`` ``[B, 1, S, R]``."""
+    """Undo RoPE given its ``cos``/``sin`` ``[B, 1, S, R]`` (dividing out ``cos² + sin²``, as RotaryHelper.invert)."""
     r = cos.shape[-1]
     xr, xp = x[..., :r].float(), x[..., r:]
     out = (xr * cos - rotate_half(xr) * sin) / (cos * cos + sin * sin)
     return torch.cat([out.to(x.dtype), xp], dim=-1)
 
 
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
-    """Attention with an explicit ``[S, L]`` bool mask shared by all heads; q ``[B, H, S, D]``, k/v ``[B, Hkv, L, D]``."""
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention with an explicit ``[S, L]`` bool mask shared by all heads.
+
+    q ``[B, H, S, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, S, D]``.
+    """
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv

@@ -80,7 +80,7 @@ class AttentionAwareIndex(KeyIndex):
     num_heads, num_kv_heads, head_dim : int
         H, Hkv, D.
     params : IndexParams, optional
-        Reads ``degree``, ``base_degree``, ``proj_prune``, ``proj_reverse``, ``build_knn``,
+        Reads ``degree``, ``base_degree``, ``proj_prune``, ``proj_reverse``, ``half_keys``, ``build_knn``,
         ``build_ef``, ``max_train_queries``, ``num_entry``, ``ef_search``, ``num_threads``.
 
     Examples
@@ -102,7 +102,8 @@ class AttentionAwareIndex(KeyIndex):
 
         p = self.params
         self._graph = _C.GraphIndex(
-            num_heads, self.group_size, head_dim, p.degree, p.base_degree, p.build_ef, p.proj_prune, p.proj_reverse
+            num_heads, self.group_size, head_dim, p.degree, p.base_degree, p.build_ef, p.proj_prune, p.proj_reverse,
+            p.half_keys,
         )
         self.knn_seconds = 0.0
         self.graph_seconds = 0.0

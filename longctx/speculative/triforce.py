@@ -262,7 +262,8 @@ class DraftLength:
         if self.cost_draft is None or self.cost_middle is None:
             return min(2, self.max_len)  # measure both costs first
         a = min(self.acceptance, 0.999)
-        rate = [(1 - a ** (g + 1)) / (1 - a) / (g * self.cost_draft + self.cost_middle) for g in range(self.max_len + 1)]
+        rate = [(1 - a ** (g + 1)) / (1 - a) / (g * self.cost_draft + self.cost_middle)
+                for g in range(self.max_len + 1)]
         best = max(range(len(rate)), key=rate.__getitem__)
         if best == 0:
             self._skipped += 1
@@ -295,7 +296,11 @@ class TriForceEngine:
             level.truncate(length)
 
     def middle_block(self, seq: TokenSequence, size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Speculate ``>= size`` tokens distributed as the middle level; returns tokens ``[B, k]`` and their q ``[B, k, V]``."""
+        """Speculate ``>= size`` tokens distributed as the middle level.
+
+        Returns the tokens ``[B, k]`` and the middle's distributions at them ``[B, k, V]``
+        (``None`` when greedy or nothing was proposed).
+        """
         st, C = self.stats, len(seq)
         qs = []
         while len(seq) - C < size:
@@ -424,12 +429,14 @@ def check_pair(target: torch.nn.Module, draft: torch.nn.Module, tokenizers: Opti
     vt, vd = _vocab_size(target), _vocab_size(draft)
     if vt != vd or target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(
-            f"TriForce requires the draft to share the target's vocabulary (got target vocab_size={vt}, draft vocab_size={vd})"
+            "TriForce requires the draft to share the target's vocabulary "
+            f"(got target vocab_size={vt}, draft vocab_size={vd})"
         )
     if tokenizers is not None:
         t_tok, d_tok = tokenizers
         if t_tok.get_vocab() != d_tok.get_vocab():
-            raise ValueError("TriForce requires the draft's tokenizer to equal the target's (their vocabularies differ)")
+            raise ValueError("TriForce requires the draft's tokenizer to equal the target's "
+                             "(their vocabularies differ)")
 
 
 def _handle(model: torch.nn.Module, stack: contextlib.ExitStack):
@@ -442,17 +449,24 @@ def _handle(model: torch.nn.Module, stack: contextlib.ExitStack):
     return handle
 
 
-def build_cache(handle, backend: Union[str, BackendConfig], options: Optional[Mapping[str, Any]] = None) -> LongCtxCache:
-    """A LongCtxCache of ``backend`` for the model of patch ``handle`` (several may coexist: forwards route by cache)."""
+def build_cache(
+    handle, backend: Union[str, BackendConfig], options: Optional[Mapping[str, Any]] = None
+) -> LongCtxCache:
+    """A LongCtxCache of ``backend`` for the model of patch ``handle``.
+
+    Several may coexist on one model: each forward routes by the cache passed in.
+    """
     spec, config = resolve_config(backend, options)
     return LongCtxCache(lambda ctx: spec.layer_cls(config, ctx), handle.contexts)
 
 
 def _check_args(input_ids, attention_mask, max_new_tokens, gamma, draft_gamma, temperature, top_p) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"triforce_generate requires input_ids as an int64 [B, T] tensor (got {getattr(input_ids, 'shape', input_ids)!r})")
+        got = getattr(input_ids, "shape", input_ids)
+        raise ValueError(f"triforce_generate requires input_ids as an int64 [B, T] tensor (got {got!r})")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"triforce_generate requires attention_mask of shape {tuple(input_ids.shape)} (got {tuple(attention_mask.shape)})")
+        raise ValueError(f"triforce_generate requires attention_mask of shape {tuple(input_ids.shape)} "
+                         f"(got {tuple(attention_mask.shape)})")
     for name, value in (("max_new_tokens", max_new_tokens), ("gamma", gamma), ("draft_gamma", draft_gamma)):
         if name == "draft_gamma" and value is None:
             continue
@@ -464,7 +478,9 @@ def _check_args(input_ids, attention_mask, max_new_tokens, gamma, draft_gamma, t
         raise ValueError(f"triforce_generate requires top_p in (0, 1] (got {top_p})")
 
 
-def _build_engine(target, draft, stack, *, gamma, draft_gamma, middle, middle_options, draft_cache, rule) -> TriForceEngine:
+def _build_engine(
+    target, draft, stack, *, gamma, draft_gamma, middle, middle_options, draft_cache, rule
+) -> TriForceEngine:
     th = _handle(target, stack)
     dh = th if draft is target else _handle(draft, stack)
     dc = draft_cache if draft_cache is not None else StreamingConfig()
@@ -617,7 +633,9 @@ def triforce_decoding(
     ``generator``); pass a :class:`TriForceStats` as ``triforce_stats`` to receive the counters.
     """
     if draft_model is None:
-        raise ValueError("custom_generate=triforce_decoding requires draft_model=<a small model sharing the vocabulary>")
+        raise ValueError(
+            "custom_generate=triforce_decoding requires draft_model=<a small model sharing the vocabulary>"
+        )
     gc = generation_config
     if getattr(gc, "num_beams", 1) != 1 or getattr(gc, "num_return_sequences", 1) != 1:
         raise ValueError("triforce_decoding requires num_beams=1 and num_return_sequences=1")

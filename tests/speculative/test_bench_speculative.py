@@ -15,6 +15,7 @@ def test_bench_speculative_table(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| autoregressive |" in text and "| assisted |" in text and "triforce[triforce_retrieval budget=64]" in text
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows][-2:] == ["triforce[triforce_retrieval budget=64]", "triforce[streaming window=32]"]
+    methods = [r["method"] for r in rows]
+    assert methods[-2:] == ["triforce[triforce_retrieval budget=64]", "triforce[streaming window=32]"]
     assert all(r["same_output"] for r in rows)  # greedy: every method returns the target's own output
     assert all(r["ms_per_token"] > 0 and r["speedup"] > 0 for r in rows)

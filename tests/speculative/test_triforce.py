@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import longctx
-from longctx.speculative import TriForceStats, sample, speculative_verify, triforce_decoding, triforce_generate, warp_logits
+from longctx.speculative import (
+    TriForceStats,
+    sample,
+    speculative_verify,
+    triforce_decoding,
+    triforce_generate,
+    warp_logits,
+)
 from longctx.speculative.triforce import Rules
 from tests.conftest import tiny_model
 
@@ -54,7 +61,8 @@ def test_batch_left_padded_greedy_and_generate_integration(gen):
     for b, n in enumerate(lengths):
         mask[b, 150 - n :] = 1
     ids[mask == 0] = 0
-    ref = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
     out, _ = triforce_generate(target, draft, ids, 16, attention_mask=mask, gamma=3, middle_options=dict(budget=32))
     assert torch.equal(out, ref)
 
@@ -96,7 +104,8 @@ def _target_distribution(target, prompt, n_tokens):
     dist = {(): 1.0}
     for step in range(n_tokens):
         prefixes = list(dist)
-        ids = torch.cat([prompt.expand(len(prefixes), -1), torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), step)], 1)
+        done = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), step)
+        ids = torch.cat([prompt.expand(len(prefixes), -1), done], 1)
         with torch.no_grad():
             probs = warp_logits(target(ids).logits[:, -1], SAMPLING["temperature"], SAMPLING["top_p"]).softmax(-1)
         dist = {pre + (t,): dist[pre] * float(probs[i, t]) for i, pre in enumerate(prefixes) for t in range(V)}
@@ -119,7 +128,8 @@ def _chi_square_pvalue(samples, expected_probs):
     obs, exp = torch.tensor(obs, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
     stat = float(((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum())
     dof = len(obs) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    half = torch.tensor([dof / 2, stat / 2], dtype=torch.float64)
+    return float(torch.special.gammaincc(half[0], half[1]))  # chi-square survival function
 
 
 def test_sampling_distribution_equals_target_and_catches_official_middle_rule():
@@ -185,5 +195,6 @@ def test_bundled_models_greedy_lossless_at_4k(middle, options):
 
     ids = _prompt(tok, "niah_multivalue", 4096, 0, 32)
     ref = target.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
-    out, _ = triforce_generate(target, draft, ids, 32, middle=middle, middle_options=options, eos_token_id=tok.eos_token_id)
+    out, _ = triforce_generate(target, draft, ids, 32, middle=middle, middle_options=options,
+                               eos_token_id=tok.eos_token_id)
     assert torch.equal(out, ref)
