@@ -30,11 +30,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "bindings.h"
 
@@ -222,6 +227,13 @@ class Beam {
     if (min_inserted < cur_) cur_ = min_inserted;
     while (cur_ < c_.size() && done_[cur_]) ++cur_;
   }
+  // The unexpanded candidate after the cursor (the likely next expansion), or kNone.
+  uint32_t peek_after() const {
+    for (size_t i = cur_ + 1; i < c_.size(); ++i) {
+      if (!done_[i]) return c_[i].id;
+    }
+    return kNone;
+  }
   const std::vector<Cand>& items() const { return c_; }
 
  private:
@@ -231,7 +243,53 @@ class Beam {
   size_t cur_ = 0;
 };
 
-struct Scratch {
+// A growable array in its own mapping, advised to use transparent huge pages (Linux): decode
+// searches read rows at random from hundreds of MB, and with 4 KB pages nearly every row is a
+// TLB miss on top of the cache miss.
+template <class T>
+class HugeArray {
+ public:
+  HugeArray() = default;
+  HugeArray(const HugeArray&) = delete;
+  HugeArray& operator=(const HugeArray&) = delete;
+  HugeArray(HugeArray&& o) noexcept : data_(o.data_), size_(o.size_), cap_(o.cap_) { o.data_ = nullptr; o.size_ = o.cap_ = 0; }
+  ~HugeArray() { std::free(data_); }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  size_t size() const { return size_; }
+  size_t capacity() const { return cap_; }
+  void clear() { size_ = 0; }
+
+  // Keeps the first min(size, n) elements; grows by at least 25%.
+  void resize(size_t n) {
+    if (n > cap_) {
+      size_t cap = std::max(n, cap_ + cap_ / 4);
+      constexpr size_t kHuge = size_t{2} << 20;
+      const size_t bytes = ((cap * sizeof(T) + kHuge - 1) / kHuge) * kHuge;
+      void* p = nullptr;
+      if (posix_memalign(&p, kHuge, bytes) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      madvise(p, bytes, MADV_HUGEPAGE);  // advisory: ignored where THP is off
+#endif
+      if (size_) std::memcpy(p, data_, size_ * sizeof(T));
+      std::free(data_);
+      data_ = static_cast<T*>(p);
+      cap_ = bytes / sizeof(T);
+    }
+    size_ = n;
+  }
+
+ private:
+  T* data_ = nullptr;
+  size_t size_ = 0;
+  size_t cap_ = 0;
+};
+
+// Per-thread working memory. Aligned and padded to its own cache lines: the vectors' end
+// pointers change on every push, and two threads' scratches sharing a line (false sharing)
+// made a 2-thread search slower than a 1-thread one.
+struct alignas(128) Scratch {
   Visited visited;
   Beam beam;
   std::vector<uint32_t> fresh;
@@ -239,32 +297,41 @@ struct Scratch {
   std::vector<Cand> work;
   std::vector<uint32_t> kept;
   std::vector<uint8_t> taken;
+  char pad[128];
 };
 
 // Fixed-slot adjacency: up to R out-neighbours per node in one flat array.
 struct Adjacency {
   uint32_t R = 0;
   uint32_t n = 0;
-  std::vector<uint32_t> adj;  // [n * R]
-  std::vector<uint32_t> deg;  // [n]
+  HugeArray<uint32_t> adj;  // [n * R]
+  HugeArray<uint32_t> deg;  // [n]
 
+  void clear() {
+    adj.clear();
+    deg.clear();
+    n = 0;
+  }
   void resize(uint32_t n_new) {
-    adj.resize(static_cast<size_t>(n_new) * R, kNone);
-    deg.resize(n_new, 0);
+    adj.resize(static_cast<size_t>(n_new) * R);
+    deg.resize(n_new);
+    if (n_new > n) std::fill(deg.data() + n, deg.data() + n_new, 0u);
     n = n_new;
   }
   uint32_t* nbrs(uint32_t i) { return adj.data() + static_cast<size_t>(i) * R; }
   const uint32_t* nbrs(uint32_t i) const { return adj.data() + static_cast<size_t>(i) * R; }
+  uint32_t& degree(uint32_t i) { return deg.data()[i]; }
+  uint32_t degree(uint32_t i) const { return deg.data()[i]; }
   // drops nodes >= m and every edge to them
   void truncate(uint32_t m) {
-    resize(m);
-    for (uint32_t i = 0; i < m; ++i) {
+    resize(std::min(m, n));
+    for (uint32_t i = 0; i < n; ++i) {
       uint32_t* nb = nbrs(i);
       uint32_t w = 0;
-      for (uint32_t j = 0; j < deg[i]; ++j) {
+      for (uint32_t j = 0; j < degree(i); ++j) {
         if (nb[j] < m) nb[w++] = nb[j];
       }
-      deg[i] = w;
+      degree(i) = w;
     }
   }
   size_t nbytes() const { return (adj.capacity() + deg.capacity()) * sizeof(uint32_t); }
@@ -272,44 +339,65 @@ struct Adjacency {
 
 // Compressed rows: the projection edges, fixed once built (keys inserted later get none).
 struct Csr {
-  std::vector<uint64_t> off{0};  // [n + 1]
-  std::vector<uint32_t> edges;
+  HugeArray<uint64_t> off;  // [n + 1] (empty: no rows)
+  HugeArray<uint32_t> edges;
 
-  uint32_t n() const { return static_cast<uint32_t>(off.size() - 1); }
+  uint32_t n() const { return off.size() ? static_cast<uint32_t>(off.size() - 1) : 0; }
   const uint32_t* row(uint32_t i, uint32_t& d) const {
     if (i >= n()) {
       d = 0;
       return nullptr;
     }
-    d = static_cast<uint32_t>(off[i + 1] - off[i]);
-    return edges.data() + off[i];
+    d = static_cast<uint32_t>(off.data()[i + 1] - off.data()[i]);
+    return edges.data() + off.data()[i];
+  }
+  void prefetch(uint32_t i) const {
+    if (i >= n()) return;
+    const uint64_t* o = off.data() + i;
+    __builtin_prefetch(o, 0, 3);
+    prefetch_bytes(edges.data() + o[0], static_cast<int64_t>((o[1] - o[0]) * sizeof(uint32_t)));
   }
   void assign(const Adjacency& a) {
-    off.assign(1, 0);
-    edges.clear();
     size_t total = 0;
-    for (uint32_t i = 0; i < a.n; ++i) total += a.deg[i];
-    edges.reserve(total);
-    off.reserve(static_cast<size_t>(a.n) + 1);
+    for (uint32_t i = 0; i < a.n; ++i) total += a.degree(i);
+    edges.resize(total);
+    off.resize(static_cast<size_t>(a.n) + 1);
+    uint64_t w = 0;
     for (uint32_t i = 0; i < a.n; ++i) {
-      edges.insert(edges.end(), a.nbrs(i), a.nbrs(i) + a.deg[i]);
-      off.push_back(edges.size());
+      off.data()[i] = w;
+      std::copy(a.nbrs(i), a.nbrs(i) + a.degree(i), edges.data() + w);
+      w += a.degree(i);
     }
+    off.data()[a.n] = w;
   }
+  // empty rows up to n_new (keys inserted after the build)
   void extend(uint32_t n_new) {
-    while (n() < n_new) off.push_back(edges.size());
-  }
-  void truncate(uint32_t m) {
-    std::vector<uint64_t> o{0};
-    std::vector<uint32_t> e;
-    for (uint32_t i = 0; i < std::min(m, n()); ++i) {
-      for (uint64_t j = off[i]; j < off[i + 1]; ++j) {
-        if (edges[j] < m) e.push_back(edges[j]);
-      }
-      o.push_back(e.size());
+    size_t old = off.size();
+    if (old == 0) {
+      off.resize(1);
+      off.data()[0] = 0;
+      old = 1;
     }
-    off.swap(o);
-    edges.swap(e);
+    if (n_new + 1 <= old) return;
+    off.resize(static_cast<size_t>(n_new) + 1);
+    std::fill(off.data() + old, off.data() + n_new + 1, static_cast<uint64_t>(edges.size()));
+  }
+  // drops rows >= m and every edge to them, in place
+  void truncate(uint32_t m) {
+    const uint32_t rows = std::min(m, n());
+    uint64_t w = 0;
+    for (uint32_t i = 0; i < rows; ++i) {
+      const uint64_t s0 = off.data()[i], s1 = off.data()[i + 1];
+      off.data()[i] = w;
+      for (uint64_t j = s0; j < s1; ++j) {
+        if (edges.data()[j] < m) edges.data()[w++] = edges.data()[j];
+      }
+    }
+    if (off.size()) {
+      off.data()[rows] = w;
+      off.resize(static_cast<size_t>(rows) + 1);
+    }
+    edges.resize(w);
     extend(m);
   }
   size_t nbytes() const { return off.capacity() * sizeof(uint64_t) + edges.capacity() * sizeof(uint32_t); }
@@ -383,7 +471,7 @@ int64_t beam_search(const GraphView& g, const Scorer& sc, size_t L, uint32_t ski
       }
     }
     const uint32_t* nb = g.base->nbrs(node);
-    for (uint32_t j = 0; j < g.base->deg[node]; ++j) {
+    for (uint32_t j = 0; j < g.base->degree(node); ++j) {
       if (!s.visited.test_set(nb[j])) s.fresh.push_back(nb[j]);
     }
   };
@@ -398,11 +486,19 @@ int64_t beam_search(const GraphView& g, const Scorer& sc, size_t L, uint32_t ski
     gather(skip);
     score_fresh();
   }
+  // a node's neighbour list is one more dependent miss per expansion: fetch the likely next
+  // node's while the current one's rows are scored
+  auto prefetch_lists = [&](uint32_t node) {
+    if (node >= g.n) return;
+    if (g.proj != nullptr) g.proj->prefetch(node);
+    prefetch_bytes(g.base->nbrs(node), g.base->R * static_cast<int64_t>(sizeof(uint32_t)));
+  };
   s.beam.advance(0);
   while (s.beam.has_next()) {
     const uint32_t cur = s.beam.next();
     s.fresh.clear();
     gather(cur);
+    prefetch_lists(s.beam.peek_after());
     s.beam.advance(score_fresh());
   }
   return scanned;
@@ -456,7 +552,7 @@ void prune(const KeySet& keys, uint32_t x, std::vector<Cand>& cands, uint32_t R,
 // so that later reverse edges are cheap. Returns whether x is in y's list afterwards.
 bool add_reverse(Adjacency& a, const KeySet& keys, uint32_t y, uint32_t x, PruneRule rule, Scratch& s) {
   uint32_t* nb = a.nbrs(y);
-  uint32_t& d = a.deg[y];
+  uint32_t& d = a.degree(y);
   for (uint32_t j = 0; j < d; ++j) {
     if (nb[j] == x) return true;
   }
@@ -476,7 +572,7 @@ bool add_reverse(Adjacency& a, const KeySet& keys, uint32_t y, uint32_t x, Prune
 // Forces an edge y -> x, taking y's last slot when y is full (keeps x reachable).
 void force_edge(Adjacency& a, uint32_t y, uint32_t x) {
   uint32_t* nb = a.nbrs(y);
-  uint32_t& d = a.deg[y];
+  uint32_t& d = a.degree(y);
   for (uint32_t j = 0; j < d; ++j) {
     if (nb[j] == x) return;
   }
@@ -491,10 +587,10 @@ void force_edge(Adjacency& a, uint32_t y, uint32_t x) {
 // some node links back to x.
 bool connect(Adjacency& a, const KeySet& keys, uint32_t x, std::vector<Cand>& cands, PruneRule rule, Scratch& s) {
   uint32_t* nb = a.nbrs(x);
-  for (uint32_t j = 0; j < a.deg[x]; ++j) cands.push_back({0.f, nb[j]});
+  for (uint32_t j = 0; j < a.degree(x); ++j) cands.push_back({0.f, nb[j]});
   prune(keys, x, cands, a.R, rule, s);
   std::vector<uint32_t> out(s.kept);  // s.kept is reused by add_reverse
-  a.deg[x] = static_cast<uint32_t>(out.size());
+  a.degree(x) = static_cast<uint32_t>(out.size());
   std::copy(out.begin(), out.end(), nb);
   bool linked = false;
   for (uint32_t y : out) linked = add_reverse(a, keys, y, x, rule, s) || linked;
@@ -506,7 +602,7 @@ bool connect(Adjacency& a, const KeySet& keys, uint32_t x, std::vector<Cand>& ca
 // neighbour links back to the pivot while it has room.
 void link_ranked(Adjacency& a, uint32_t pivot, const std::vector<Cand>& ranked, bool reverse) {
   uint32_t* nb = a.nbrs(pivot);
-  uint32_t& d = a.deg[pivot];
+  uint32_t& d = a.degree(pivot);
   for (const Cand& c : ranked) {
     if (d >= a.R) break;
     if (c.id != pivot && std::find(nb, nb + d, c.id) == nb + d) nb[d++] = c.id;
@@ -514,7 +610,7 @@ void link_ranked(Adjacency& a, uint32_t pivot, const std::vector<Cand>& ranked, 
   if (!reverse) return;
   for (const Cand& c : ranked) {
     uint32_t* rb = a.nbrs(c.id);
-    uint32_t& rd = a.deg[c.id];
+    uint32_t& rd = a.degree(c.id);
     if (c.id != pivot && rd < a.R && std::find(rb, rb + rd, pivot) == rb + rd) rb[rd++] = pivot;
   }
 }
@@ -553,7 +649,7 @@ int64_t repair_reachability(Adjacency& base, std::vector<uint32_t>& entries, con
     while (head < queue.size()) {
       const uint32_t u = queue[head++];
       const uint32_t* nb = base.nbrs(u);
-      for (uint32_t j = 0; j < base.deg[u]; ++j) {
+      for (uint32_t j = 0; j < base.degree(u); ++j) {
         if (!seen[nb[j]]) {
           seen[nb[j]] = 1;
           queue.push_back(nb[j]);
@@ -569,7 +665,7 @@ int64_t repair_reachability(Adjacency& base, std::vector<uint32_t>& entries, con
     beam_search(view, keys, keys.row(u), L, u, s);
     uint32_t parent = kNone;
     for (const Cand& c : s.beam.items()) {
-      if (seen[c.id] && base.deg[c.id] < base.R) {
+      if (seen[c.id] && base.degree(c.id) < base.R) {
         parent = c.id;
         break;
       }
@@ -657,8 +753,7 @@ class GraphIndex {
       Scratch& s = scratch_[omp_get_thread_num()];
       Adjacency& base = base_[kv];
       auto& entries = base_entries_[kv];
-      base.adj.clear();
-      base.deg.clear();
+      base.clear();
       entries.clear();
       base.resize(static_cast<uint32_t>(n));
       sync_half(kv, sets[kv], 0);
@@ -836,7 +931,7 @@ class GraphIndex {
         uint32_t d;
         proj_[h].row(static_cast<uint32_t>(i), d);
         p[(h * n + i) * 2] = d;
-        p[(h * n + i) * 2 + 1] = b.deg[i];
+        p[(h * n + i) * 2 + 1] = b.degree(i);
       }
     }
     return out;
@@ -851,7 +946,7 @@ class GraphIndex {
     const uint32_t* nb = proj_[h].row(static_cast<uint32_t>(i), d);
     out.insert(out.end(), nb, nb + d);
     const Adjacency& b = base_[h / group_size_];
-    out.insert(out.end(), b.nbrs(static_cast<uint32_t>(i)), b.nbrs(static_cast<uint32_t>(i)) + b.deg[i]);
+    out.insert(out.end(), b.nbrs(static_cast<uint32_t>(i)), b.nbrs(static_cast<uint32_t>(i)) + b.degree(i));
     py::array_t<int64_t> arr(static_cast<int64_t>(out.size()));
     std::copy(out.begin(), out.end(), arr.mutable_data());
     return arr;
@@ -890,7 +985,7 @@ class GraphIndex {
           }
         }
         nb = b.nbrs(u);
-        d = b.deg[u];
+        d = b.degree(u);
       }
     }
     return static_cast<int64_t>(queue.size());
@@ -982,7 +1077,7 @@ class GraphIndex {
 
   int num_graphs_, group_size_, dim_, degree_, base_degree_, build_ef_;
   bool proj_prune_, proj_reverse_, half_;
-  std::vector<std::vector<uint16_t>> half_keys_;  // [Hkv][N * D] fp16 copy scored by decode searches
+  std::vector<HugeArray<uint16_t>> half_keys_;  // [Hkv][N * D] fp16 copy scored by decode searches
   std::vector<Adjacency> base_;                    // [Hkv] key-key layer
   std::vector<std::vector<uint32_t>> base_entries_;  // [Hkv]
   std::vector<Csr> proj_;                          // [H] projection edges
@@ -1045,10 +1140,27 @@ py::array_t<int32_t> topk_rows(const py::array_t<float, py::array::c_style | py:
   return out;
 }
 
+// Advises transparent huge pages for the 2 MB-aligned interior of [ptr, ptr + nbytes) (Linux;
+// elsewhere, or where THP is off, nothing happens). Meant for large buffers not yet touched.
+bool advise_hugepages(uintptr_t ptr, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t lo = (ptr + kHuge - 1) & ~(kHuge - 1), hi = (ptr + nbytes) & ~(kHuge - 1);
+  if (hi <= lo) return false;
+  return madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
+#else
+  (void)ptr;
+  (void)nbytes;
+  return false;
+#endif
+}
+
 }  // namespace
 
 void register_index(py::module_& m) {
   using namespace pybind11::literals;
+  m.def("advise_hugepages", &advise_hugepages, "ptr"_a, "nbytes"_a,
+        "Advise transparent huge pages for a large, untouched host buffer (Linux); returns whether it applied.");
   m.def("topk_rows", &topk_rows, "scores"_a, "k"_a, "num_threads"_a = 0,
         "Row-wise top-k of scores [m, n] float32 -> int32 ids [m, k], largest first.");
   py::class_<GraphIndex>(m, "GraphIndex", R"doc(
@@ -1059,7 +1171,7 @@ Keys are passed to every call as a float32 array [Hkv, N, D] (rows contiguous, a
 stride) and are never copied.
 )doc")
       .def(py::init<int, int, int, int, int, int, bool, bool, bool>(), "num_graphs"_a, "group_size"_a, "dim"_a,
-           "degree"_a = 128, "base_degree"_a = 16, "build_ef"_a = 64, "proj_prune"_a = false, "proj_reverse"_a = false,
+           "degree"_a = 128, "base_degree"_a = 8, "build_ef"_a = 64, "proj_prune"_a = false, "proj_reverse"_a = false,
            "half_keys"_a = true)
       .def("build", &GraphIndex::build, "keys"_a, "knn"_a, "num_entry"_a = 4, "num_threads"_a = 0,
            "Build every graph from keys [Hkv, N, D] and the training queries' exact kNN lists knn [H, Nq, Kq] int32.")

@@ -28,14 +28,22 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from longctx.index import INDEX_TYPES, IndexParams, exact_topk, mahalanobis_ratio, make_index, recall_at_k, scan_fraction
+from longctx.index import (
+    INDEX_TYPES,
+    IndexParams,
+    exact_topk,
+    mahalanobis_ratio,
+    make_index,
+    recall_at_k,
+    scan_fraction,
+)
 
 logger = logging.getLogger(__name__)
 
 #: the search width swept per index type: (IndexParams field, values)
 DEFAULT_SWEEPS: dict[str, tuple[str, list[int]]] = {
     "attention_aware": ("ef_search", [100, 128, 160, 200, 300, 400, 600, 1000]),
-    "ivf": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
+    "ivf": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]),
     "hnsw": ("ef_search", [100, 200, 400, 800, 1600, 3200]),
     "flat": ("ef_search", [100]),
 }
@@ -46,7 +54,8 @@ def synthetic_source(n_keys: int, num_heads: int, num_kv_heads: int, head_dim: i
     """Keys, training and test queries from :func:`~longctx.index.synthetic.ood_dataset`."""
     from longctx.index.synthetic import ood_dataset
 
-    data = ood_dataset(num_heads, num_kv_heads, n_keys, head_dim, n_train=n_train, n_test=n_test, seed=seed)
+    data = ood_dataset(num_heads, num_kv_heads, n_keys, head_dim, n_train=n_train, n_test=n_test,
+                       content_dim=min(32, head_dim // 4), seed=seed)
     return {"name": "synthetic", "sets": [(data.keys, data.train_queries, data.test_queries)], "model": None}
 
 
@@ -266,7 +275,8 @@ def format_rows(rows: list[dict[str, Any]], k: int = 100) -> str:
 def format_summary(summary: list[dict[str, Any]]) -> str:
     """Markdown table of :func:`summarize`."""
     targets = [c for c in summary[0] if c.startswith("scan@")] if summary else []
-    lines = ["| source | index | best recall | " + " | ".join(f"min scan for recall >= {t[5:]}" for t in targets) + " |",
+    cols = " | ".join(f"min scan for recall >= {t[5:]}" for t in targets)
+    lines = [f"| source | index | best recall | {cols} |",
              "|---|---|---|" + "---|" * len(targets)]
     for s in summary:
         cells = ["never" if s[t] is None else f"{100 * s[t]:.2f}%" for t in targets]
@@ -307,8 +317,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for item in args.opt or []:
         key, value = item.split("=", 1)
         if key not in IndexParams.__dataclass_fields__:
-            raise ValueError(f"--opt requires an IndexParams field {sorted(IndexParams.__dataclass_fields__)} (got {key!r})")
-        opts[key] = value.lower() in ("1", "true", "yes") if isinstance(getattr(IndexParams(), key), bool) else int(value)
+            fields = sorted(IndexParams.__dataclass_fields__)
+            raise ValueError(f"--opt requires an IndexParams field {fields} (got {key!r})")
+        is_bool = isinstance(getattr(IndexParams(), key), bool)
+        opts[key] = value.lower() in ("1", "true", "yes") if is_bool else int(value)
     sweeps = {}
     for item in args.sweep or []:
         kind, values = item.split("=", 1)
@@ -321,7 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = summarize(rows, args.k)
     for src in dict.fromkeys(r["source"] for r in rows):
         mine = [r for r in rows if r["source"] == src]
-        print(f"\n## {src}: {mine[0]['n_keys']} keys per head, Mahalanobis ratio (queries vs keys) {mine[0]['mahalanobis_ratio']}\n")
+        head = f"{mine[0]['n_keys']} keys per head, Mahalanobis ratio (queries vs keys) {mine[0]['mahalanobis_ratio']}"
+        print(f"\n## {src}: {head}\n")
         print(format_rows(mine, args.k))
     print("\n## summary\n")
     print(format_summary(summary))

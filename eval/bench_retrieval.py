@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import statistics
 import time
 from typing import Any, Optional, Sequence
@@ -61,6 +62,7 @@ def run_decode_speed(
     repeats: int = 9,
     warmup: int = 2,
     prefill_context: int = 8192,
+    thread_counts: Sequence[int] = (2, 1),
     seed: int = 0,
 ) -> dict[str, Any]:
     """Time a retrieval layer's decode step against dense attention over the same cache.
@@ -68,25 +70,27 @@ def run_decode_speed(
     Returns
     -------
     dict
-        ``dense_decode_ms`` (DenseLayer.decode), ``dense_attention_ms`` (the attention alone,
-        grouped matmuls over the cache), ``retrieval_decode_ms``, ``speedup`` (vs the faster
-        dense number), ``search_ms`` / ``retrieved_attention_ms`` per step, ``keys_scanned``,
+        Per thread count (``threads``): ``dense_decode_ms`` (DenseLayer.decode), the dense
+        attention alone on contiguous K/V with the torch reference (grouped matmuls) and the
+        C++ kernel, ``retrieval_decode_ms``, ``speedup`` (vs the fastest dense number),
+        ``search_ms`` / ``retrieved_attention_ms`` per step and ``keys_scanned``; then
         ``recall@top_k`` of the retrieved keys, ``index_build_s`` (and its kNN / graph parts),
-        ``dense_prefill_attention_s_estimate`` and the memory per tier of both layers. The
-        dense attention is timed on contiguous K/V with the torch reference (grouped
-        matmuls) and the C++ kernel; the faster one is the baseline.
+        ``dense_prefill_attention_s_estimate``, the load average and the memory per tier.
     """
     options = {"top_k": 100, "index": "attention_aware", **(options or {})}
+    load_start = os.getloadavg()[0]
     ctx = LayerContext(layer_idx=0, num_layers=1, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     n_steps = repeats + warmup
+    thread_counts = list(thread_counts)
     t0 = time.perf_counter()
     n_train = int(options.get("max_train_queries", 4096))
-    data = ood_dataset(num_heads, num_kv_heads, context, head_dim, n_train=n_train, n_test=n_steps * batch, seed=seed)
+    n_test = n_steps * batch * len(thread_counts)
+    data = ood_dataset(num_heads, num_kv_heads, context, head_dim, n_train=n_train, n_test=n_test, seed=seed)
     k = torch.from_numpy(data.keys).unsqueeze(0).expand(batch, -1, -1, -1)  # [B, Hkv, T, D]
     g = torch.Generator().manual_seed(seed + 1)
     v = torch.randn(batch, num_kv_heads, context, head_dim, generator=g)
     train = torch.from_numpy(data.train_queries).unsqueeze(0).expand(batch, -1, -1, -1)
-    test = torch.from_numpy(data.test_queries).reshape(num_heads, n_steps, batch, head_dim)
+    test = torch.from_numpy(data.test_queries).reshape(num_heads, -1, batch, head_dim)
     logger.info("data generated in %.1fs", time.perf_counter() - t0)
 
     # -- retrieval layer: store + index build, timed
@@ -105,40 +109,68 @@ def run_decode_speed(
 
     # the dense attention alone, on contiguous K/V (grouped matmuls: torch reference and C++ kernel)
     k_c, v_c = k.contiguous(), v.contiguous()
-    times = {"dense": [], "dense_attn_ref": [], "dense_attn_cpp": [], "retrieval": []}
-    search, attn, scanned, recalls = [], [], [], []
-    for step in range(n_steps):
-        q1 = test[:, step].permute(1, 0, 2).unsqueeze(2).contiguous()  # [B, H, 1, D]
-        k1 = torch.randn(batch, num_kv_heads, 1, head_dim, generator=g)
-        v1 = torch.randn(batch, num_kv_heads, 1, head_dim, generator=g)
-        t0 = time.perf_counter()
-        dense.decode(q1, k1, v1, None)
-        t1 = time.perf_counter()
-        sparse_attention(q1, k_c, v_c, None, ctx.scale, impl="ref")
-        t2 = time.perf_counter()
-        sparse_attention(q1, k_c, v_c, None, ctx.scale, impl="cpp")
-        t3 = time.perf_counter()
-        ret.decode(q1, k1, v1, None)
-        t4 = time.perf_counter()
-        if step < warmup:
-            continue
-        times["dense"].append(t1 - t0)
-        times["dense_attn_ref"].append(t2 - t1)
-        times["dense_attn_cpp"].append(t3 - t2)
-        times["retrieval"].append(t4 - t3)
-        st = ret.stats()
-        search.append(st["search_s_last"])
-        attn.append(st["retrieved_attention_s_last"])
-        scanned.append(st["keys_scanned_last"])
-        if step == warmup:
-            # recall of the retrieved keys against the exact top-k (one step; keys of sequence 0)
-            n = ret.n_offloaded
-            res = index0.search(q1[0, :, :, :].to(torch.float32).numpy(), ret._keys_view(0), ret.config.top_k)
-            truth = exact_topk(q1[0].numpy(), ret._keys_view(0), ret.config.top_k)
-            recalls.append(recall_at_k(res.ids, truth))
-            logger.info("recall@%d at step %d over %d offloaded keys: %.3f", ret.config.top_k, step, n, recalls[-1])
-    dense_ms, ref_ms, cpp_ms, ret_ms = (_median_ms(times[x]) for x in ("dense", "dense_attn_ref", "dense_attn_cpp", "retrieval"))
-    dense_attn_ms = min(ref_ms, cpp_ms)
+    threads_before = torch.get_num_threads()
+    per_threads: dict[int, dict[str, Any]] = {}
+    recalls: list[float] = []
+    step = 0
+    for n_threads in thread_counts:
+        torch.set_num_threads(n_threads)  # the index and the C++ kernels follow torch's setting
+        times = {"dense": [], "dense_attn_ref": [], "dense_attn_cpp": [], "retrieval": []}
+        search, attn, scanned = [], [], []
+        for i in range(n_steps):
+            q1 = test[:, step].permute(1, 0, 2).unsqueeze(2).contiguous()  # [B, H, 1, D]
+            step += 1
+            k1 = torch.randn(batch, num_kv_heads, 1, head_dim, generator=g)
+            v1 = torch.randn(batch, num_kv_heads, 1, head_dim, generator=g)
+            # one step of each contender per round, so load changes hit them alike
+            t0 = time.perf_counter()
+            dense.decode(q1, k1, v1, None)
+            t1 = time.perf_counter()
+            sparse_attention(q1, k_c, v_c, None, ctx.scale, impl="ref")
+            t2 = time.perf_counter()
+            sparse_attention(q1, k_c, v_c, None, ctx.scale, impl="cpp")
+            t3 = time.perf_counter()
+            ret.decode(q1, k1, v1, None)
+            t4 = time.perf_counter()
+            if i < warmup:
+                continue
+            for name, dt in (("dense", t1 - t0), ("dense_attn_ref", t2 - t1), ("dense_attn_cpp", t3 - t2),
+                             ("retrieval", t4 - t3)):
+                times[name].append(dt)
+            st = ret.stats()
+            search.append(st["search_s_last"])
+            attn.append(st["retrieved_attention_s_last"])
+            scanned.append(st["keys_scanned_last"])
+            if not recalls:
+                # recall of the retrieved keys against the exact top-k (one step; keys of sequence 0)
+                res = index0.search(q1[0].numpy(), ret._keys_view(0), ret.config.top_k)
+                truth = exact_topk(q1[0].numpy(), ret._keys_view(0), ret.config.top_k)
+                recalls.append(recall_at_k(res.ids, truth))
+                logger.info("recall@%d over %d offloaded keys: %.3f", ret.config.top_k, ret.n_offloaded, recalls[-1])
+        med = {name: _median_ms(t) for name, t in times.items()}
+        dense_best = min(med["dense"], med["dense_attn_ref"], med["dense_attn_cpp"])
+        per_threads[n_threads] = {
+            "dense_decode_ms": med["dense"],
+            "dense_attention_ref_ms": med["dense_attn_ref"],
+            "dense_attention_cpp_ms": med["dense_attn_cpp"],
+            "retrieval_decode_ms": med["retrieval"],
+            "speedup": round(dense_best / med["retrieval"], 2),
+            "search_ms": _median_ms(search),
+            "retrieved_attention_ms": _median_ms(attn),
+            "keys_scanned": round(float(np.median(scanned)), 1),
+        }
+        logger.info("%d threads: %s", n_threads, per_threads[n_threads])
+    # decode on until a block of tokens leaves the window: the cost of inserting it into the index
+    torch.set_num_threads(thread_counts[0])
+    before, inserted = ret.stats()["insert_s_total"], ret.n_offloaded
+    for _ in range(ret.config.insert_block + ret.config.window):
+        if ret.n_offloaded > inserted:
+            break
+        ret.decode(torch.randn(batch, num_heads, 1, head_dim, generator=g),
+                   torch.randn(batch, num_kv_heads, 1, head_dim, generator=g),
+                   torch.randn(batch, num_kv_heads, 1, head_dim, generator=g), None)
+    insert_ms = 1e3 * (ret.stats()["insert_s_total"] - before)
+    torch.set_num_threads(threads_before)
     prefill_ms = dense_prefill_ms(ctx, prefill_context)
     scale = (context / prefill_context) ** 2
     stats = ret.stats()
@@ -146,26 +178,20 @@ def run_decode_speed(
         "context": context,
         "shape": f"H={num_heads} Hkv={num_kv_heads} D={head_dim} fp32 batch {batch}",
         "options": options,
-        "threads": torch.get_num_threads(),
         "repeats": repeats,
-        "dense_decode_ms": dense_ms,
-        "dense_attention_ms": dense_attn_ms,
-        "dense_attention_ref_ms": ref_ms,
-        "dense_attention_cpp_ms": cpp_ms,
-        "retrieval_decode_ms": ret_ms,
-        "speedup": round(min(dense_ms, dense_attn_ms) / ret_ms, 2),
-        "search_ms": _median_ms(search),
-        "retrieved_attention_ms": _median_ms(attn),
-        "keys_scanned": round(float(np.median(scanned)), 1),
-        "scan_fraction": round(float(np.median(scanned)) / stats["n_offloaded"], 5),
+        "threads": per_threads,
+        "scan_fraction": round(per_threads[thread_counts[0]]["keys_scanned"] / stats["n_offloaded"], 5),
         f"recall@{options['top_k']}": round(float(np.mean(recalls)), 4),
         "index_build_s": round(ret.build_seconds, 1),
         "knn_s": round(sum(getattr(i, "knn_seconds", 0.0) for i in ret.indexes), 1),
         "graph_s": round(sum(getattr(i, "graph_seconds", 0.0) for i in ret.indexes), 1),
         "ingest_s": round(ingest_s, 1),
+        "insert_block_ms": round(insert_ms, 1),
+        "insert_ms_per_step": round(insert_ms / ret.config.insert_block, 2),
         "train_queries_per_head": n_train,
         f"dense_prefill_s_at_{prefill_context}": round(prefill_ms / 1e3, 2),
         "dense_prefill_attention_s_estimate": round(prefill_ms * scale / 1e3, 1),
+        "load_average_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "retrieval_memory": ret.memory(),
         "dense_memory": dense.memory(),
     }
@@ -182,7 +208,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--prefill-context", type=int, default=8192, help="context of the timed dense prefill")
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    p.add_argument("--threads", default="2,1",
+                   help="comma-separated thread counts timed in turn (the build uses the first)")
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -191,11 +218,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        import faiss
-
-        torch.set_num_threads(args.threads)
-        faiss.omp_set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",") if t]
+    torch.set_num_threads(thread_counts[0])
     H, Hkv = (int(x) for x in args.heads.split(","))
     opts = dict(item.split("=", 1) for item in args.opt or [])
     from longctx.config import RetrievalConfig
@@ -204,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = {key: options[key] for key in opts}
     row = run_decode_speed(args.context, num_heads=H, num_kv_heads=Hkv, head_dim=args.head_dim, batch=args.batch,
                            options=options, repeats=args.repeats, warmup=args.warmup,
-                           prefill_context=args.prefill_context, seed=args.seed)
+                           prefill_context=args.prefill_context, thread_counts=thread_counts, seed=args.seed)
     print(json.dumps(row, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -240,7 +240,7 @@ class RetrievalConfig(BackendConfig):
     degree : int
         Attention-aware: projection edges per key and query head (default 128).
     base_degree : int
-        Attention-aware: key-key edges per key, shared by a GQA group (default 16).
+        Attention-aware: key-key edges per key, shared by a GQA group (default 8).
     build_knn : int
         Attention-aware: exact neighbours per training query (RoarGraph's Nq, default 100).
     build_ef : int
@@ -273,7 +273,7 @@ class RetrievalConfig(BackendConfig):
     index: str = "attention_aware"
     ef_search: int = 160
     degree: int = 128
-    base_degree: int = 16
+    base_degree: int = 8
     build_knn: int = 100
     build_ef: int = 64
     max_train_queries: int = 4096

@@ -13,8 +13,9 @@ as in the paper.
 
 Layout per layer and sequence batch:
 
-- device: ``static_k/v`` ``[B, Hkv, n_sink_held + R, D]`` (sinks first, then the R recent
-  tokens, ``window <= R < window + insert_block`` before a step appends its S tokens);
+- device: ``static_k/v`` ``[B, Hkv, n_static, D]`` views of a preallocated buffer (sinks
+  first, then the R recent tokens, ``window <= R < window + insert_block`` before a step
+  appends its S tokens);
 - host: ``host_k/v`` ``[B, Hkv, capacity, D]`` float32, rows ``[0, n_offloaded)`` are the
   tokens at positions ``n_sink_held + i``; one index per sequence over them.
 """
@@ -70,8 +71,9 @@ class RetrievalLayer(BackendLayer):
 
     def __init__(self, config: RetrievalConfig, ctx: LayerContext):
         super().__init__(config, ctx)
-        self.static_k: Optional[torch.Tensor] = None  # [B, Hkv, n_sink_held + R, D], device tier
-        self.static_v: Optional[torch.Tensor] = None
+        self._sk: Optional[torch.Tensor] = None  # [B, Hkv, capacity, D] device tier: sinks + recent
+        self._sv: Optional[torch.Tensor] = None
+        self.n_static = 0
         self.host_k: Optional[torch.Tensor] = None  # [B, Hkv, capacity, D] float32, host tier
         self.host_v: Optional[torch.Tensor] = None
         self.n_sink_held = 0
@@ -88,6 +90,7 @@ class RetrievalLayer(BackendLayer):
         self._insert_s_total = 0.0
         self._attn_s_last = 0.0
         self._union_last = 0.0
+        self.build_seconds = 0.0
 
     # ---------------------------------------------------------------- prefill
     def prefill(self, q, k, v, positions):
@@ -95,7 +98,8 @@ class RetrievalLayer(BackendLayer):
         if self.ctx.sliding_window is not None:
             self._fall_back(f"layer uses a sliding window of {self.ctx.sliding_window}")
         elif T <= self.config.static_size:
-            self._fall_back(f"prompt of {T} tokens fits in the static set (n_sink + window = {self.config.static_size})")
+            size = self.config.static_size
+            self._fall_back(f"prompt of {T} tokens fits in the static set (n_sink + window = {size})")
         if self._dense is not None:
             return self._dense.prefill(q, k, v, positions)
         # exact prompt attention; q may hold only the last Sq <= T prompt queries (bench)
@@ -126,8 +130,13 @@ class RetrievalLayer(BackendLayer):
         n_sink, n_off = cfg.n_sink, T - cfg.n_sink - cfg.window
         self.prompt_len = T
         self.n_sink_held = n_sink
-        self.static_k = torch.cat([k[:, :, :n_sink], k[:, :, T - cfg.window :]], dim=2)
-        self.static_v = torch.cat([v[:, :, :n_sink], v[:, :, T - cfg.window :]], dim=2)
+        n_static = n_sink + cfg.window
+        self._sk = k.new_empty(B, Hkv, n_static + cfg.insert_block + 16, D)
+        self._sv = torch.empty_like(self._sk)
+        for buf, src in ((self._sk, k), (self._sv, v)):
+            buf[:, :, :n_sink] = src[:, :, :n_sink]
+            buf[:, :, n_sink:n_static] = src[:, :, T - cfg.window :]
+        self.n_static = n_static
         pin = k.is_cuda
         capacity = n_off + 4 * cfg.insert_block
         self.host_k = self._host_empty(B, Hkv, capacity, D, pin)
@@ -161,16 +170,17 @@ class RetrievalLayer(BackendLayer):
     def decode(self, q, k, v, positions):
         if self._dense is not None:
             return self._dense.decode(q, k, v, positions)
-        if self.static_k is None:
+        if self._sk is None:
             raise RuntimeError("decode() called before prefill() on a retrieval layer")
         self._offload_old()
-        self.static_k = torch.cat([self.static_k, k.to(self.static_k.dtype)], dim=2)
-        self.static_v = torch.cat([self.static_v, v.to(self.static_v.dtype)], dim=2)
-        S = q.shape[2]
-        n_static = self.static_k.shape[2]
+        self._append_static(k, v)
+        B, S = q.shape[0], q.shape[2]
+        n_static = self.n_static
         # -- exact part: the static set (the S new tokens are its last S, causal among themselves)
         if S == 1:
-            out_s, lse_s = sparse_attention(q, self.static_k, self.static_v, None, self.ctx.scale)
+            # rows of the preallocated buffer by index: no copy of the static set per step
+            rows = torch.arange(n_static, device=q.device).expand(B, self.ctx.num_kv_heads, n_static)
+            out_s, lse_s = sparse_attention(q, self._sk, self._sv, rows, self.ctx.scale)
         else:
             out_s, lse_s = causal_attention_ref(q, self.static_k, self.static_v, self.ctx.scale, n_static - S)
         self._steps += 1
@@ -208,7 +218,7 @@ class RetrievalLayer(BackendLayer):
 
         ``sparse_attention`` selects keys per (sequence, KV head), so each query head attends
         the union of its GQA group's (and a verification step's S queries') retrieved keys: a
-        superset of its own top-k, never less exact, computed in one fused call. The call
+        superset of its own top-k (never less accurate), computed in one fused call. The call
         reads the whole capacity buffer ``[B, Hkv, capacity, D]`` (contiguous, no copy);
         only rows ``< n_offloaded`` are ever selected.
         """
@@ -217,16 +227,39 @@ class RetrievalLayer(BackendLayer):
 
     def _group_union(self, ids: torch.Tensor) -> torch.Tensor:
         """``[B, H, S, K]`` retrieved rows -> ``[B, Hkv, G*S*K]`` union per KV head (duplicates -> -1)."""
-        B, H = ids.shape[:2]
-        sel = ids.reshape(B, self.ctx.num_kv_heads, -1).sort(dim=-1).values
+        sel = ids.reshape(ids.shape[0], self.ctx.num_kv_heads, -1).sort(dim=-1).values
         dup = torch.zeros_like(sel, dtype=torch.bool)
         dup[..., 1:] = sel[..., 1:] == sel[..., :-1]
         return sel.masked_fill(dup, -1)
 
+    @property
+    def static_k(self) -> Optional[torch.Tensor]:
+        """``[B, Hkv, n_static, D]`` keys of the static set (a view), device tier."""
+        return None if self._sk is None else self._sk[:, :, : self.n_static]
+
+    @property
+    def static_v(self) -> Optional[torch.Tensor]:
+        """``[B, Hkv, n_static, D]`` values of the static set (a view), device tier."""
+        return None if self._sv is None else self._sv[:, :, : self.n_static]
+
+    def _append_static(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``[B, Hkv, S, D]`` new tokens to the static set, growing its buffer by 1.5x when full."""
+        S, n = k.shape[2], self.n_static
+        if n + S > self._sk.shape[2]:
+            cap = max(n + S, self._sk.shape[2] * 3 // 2)
+            for name in ("_sk", "_sv"):
+                old = getattr(self, name)
+                new = old.new_empty(*old.shape[:2], cap, old.shape[3])
+                new[:, :, :n] = old[:, :, :n]
+                setattr(self, name, new)
+        self._sk[:, :, n : n + S] = k
+        self._sv[:, :, n : n + S] = v
+        self.n_static = n + S
+
     def _offload_old(self) -> None:
         """Move the oldest recent tokens beyond ``window`` to the host tier and the index, in blocks."""
         cfg = self.config
-        recent = self.static_k.shape[2] - self.n_sink_held
+        recent = self.n_static - self.n_sink_held
         if recent < cfg.window + cfg.insert_block:
             return
         m = recent - cfg.window
@@ -234,11 +267,13 @@ class RetrievalLayer(BackendLayer):
         lo, hi = self.n_sink_held, self.n_sink_held + m
         self._ensure_capacity(self.n_offloaded + m)
         n0 = self.n_offloaded
-        self.host_k[:, :, n0 : n0 + m] = self.static_k[:, :, lo:hi]
-        self.host_v[:, :, n0 : n0 + m] = self.static_v[:, :, lo:hi]
+        self.host_k[:, :, n0 : n0 + m] = self._sk[:, :, lo:hi]
+        self.host_v[:, :, n0 : n0 + m] = self._sv[:, :, lo:hi]
         self.n_offloaded += m
-        self.static_k = torch.cat([self.static_k[:, :, :lo], self.static_k[:, :, hi:]], dim=2)
-        self.static_v = torch.cat([self.static_v[:, :, :lo], self.static_v[:, :, hi:]], dim=2)
+        rest = self.n_static - hi
+        for buf in (self._sk, self._sv):
+            buf[:, :, lo : lo + rest] = buf[:, :, hi : self.n_static].clone()  # overlapping ranges
+        self.n_static -= m
         for b, index in enumerate(self.indexes):
             index.add(self._keys_view(b))
         self._insert_s_total += time.perf_counter() - t0
@@ -250,7 +285,13 @@ class RetrievalLayer(BackendLayer):
         logger.info("retrieval layer %d runs dense attention: %s", self.ctx.layer_idx, reason)
 
     def _host_empty(self, B: int, Hkv: int, capacity: int, D: int, pin: bool) -> torch.Tensor:
-        return torch.empty(B, Hkv, capacity, D, dtype=torch.float32, device=self.ctx.host_device, pin_memory=pin)
+        t = torch.empty(B, Hkv, capacity, D, dtype=torch.float32, device=self.ctx.host_device, pin_memory=pin)
+        if not pin and t.device.type == "cpu":
+            # retrieved rows are read at random: huge pages spare a TLB miss per row
+            from longctx import _C
+
+            _C.advise_hugepages(t.data_ptr(), t.numel() * t.element_size())
+        return t
 
     def _ensure_capacity(self, needed: int) -> None:
         capacity = self.host_k.shape[2]
@@ -299,10 +340,9 @@ class RetrievalLayer(BackendLayer):
         self._check_rollback(n_tokens, self.seq_length - self.prompt_len)
         if n_tokens == 0:
             return
-        recent = self.static_k.shape[2] - self.n_sink_held
+        recent = self.n_static - self.n_sink_held
         from_recent = min(n_tokens, recent)
-        keep = self.static_k.shape[2] - from_recent
-        self.static_k, self.static_v = self.static_k[:, :, :keep], self.static_v[:, :, :keep]
+        self.n_static -= from_recent
         from_host = n_tokens - from_recent
         if from_host:
             # generated tokens already inserted: drop them from the host store and the indexes
@@ -314,15 +354,18 @@ class RetrievalLayer(BackendLayer):
     def seq_length(self) -> int:
         if self._dense is not None:
             return self._dense.seq_length
-        return 0 if self.static_k is None else self.static_k.shape[2] + self.n_offloaded
+        return self.n_static + self.n_offloaded
 
     def memory(self) -> dict[str, int]:
         if self._dense is not None:
             return self._dense.memory()
-        if self.static_k is None:
+        if self._sk is None:
             return {"device": 0, "host": 0}
-        device = 2 * self.static_k.numel() * self.static_k.element_size()
-        host = 2 * self.host_k.numel() * self.host_k.element_size() + sum(index.nbytes() for index in self.indexes)
+        # live K/V bytes (buffer reserves not counted, as for dense) + the index structures
+        B, Hkv, _, D = self._sk.shape
+        device = 2 * B * Hkv * self.n_static * D * self._sk.element_size()
+        host = 2 * B * Hkv * self.n_offloaded * D * self.host_k.element_size()
+        host += sum(index.nbytes() for index in self.indexes)
         return {"device": device, "host": host}
 
     def stats(self) -> dict[str, Any]:
@@ -336,7 +379,7 @@ class RetrievalLayer(BackendLayer):
         if self._dense is not None:
             base.update(decode_steps=self._dense.stats()["decode_steps"], keys_per_step=self._dense.seq_length)
             return base
-        n_static = 0 if self.static_k is None else self.static_k.shape[2]
+        n_static = self.n_static
         steps = max(self._steps, 1)
         base.update(
             n_static=n_static,
@@ -350,7 +393,7 @@ class RetrievalLayer(BackendLayer):
             search_s_per_step=self._search_s_total / steps,
             retrieved_attention_s_last=self._attn_s_last,
             insert_s_total=self._insert_s_total,
-            index_build_s=getattr(self, "build_seconds", 0.0),
+            index_build_s=self.build_seconds,
             index_bytes=sum(index.nbytes() for index in self.indexes),
         )
         return base

@@ -4,12 +4,20 @@ Queries of a head are out of distribution with its keys (the paper measures them
 farther, in Mahalanobis distance, than keys are from each other), so a key-key index built
 for key-like queries must scan a large share of the keys. RetrievalAttention builds, per
 query head, a key-key graph from the exact kNN of the head's prefill queries (RoarGraph,
-VLDB 2024): each training query's top-1 key is linked to its other neighbours (occlusion
-pruning, reverse edges), then every key is linked by a key->key search and unreachable keys
-are attached. A decode query runs a best-first beam search on that graph.
+VLDB 2024). Here (``longctx._C.GraphIndex``):
 
-The kNN lists are exact (a BLAS matmul plus a C++ row top-k); the graph lives in C++
-(``longctx._C.GraphIndex``, OpenMP over heads). Prefill queries beyond
+- projection edges, per query head: each training query's top-1 key (the pivot) links to the
+  query's other top keys, in the query's rank order (``IndexParams.proj_prune=True`` applies
+  RoarGraph's inner-product occlusion pruning with reverse edges instead; it scanned more
+  keys per recall on our benchmarks, see BENCHMARKS.md);
+- key-key edges, per KV head and shared by its GQA group (RoarGraph's connectivity
+  enhancement is query independent): every key is linked by a key->key search with L2
+  occlusion pruning and reverse edges, unreachable keys are attached; keys inserted after
+  the build join this layer;
+- a decode query runs a best-first beam search over both, from the key nearest the key
+  centroid and the keys most often a training query's top-1.
+
+The kNN lists are exact (a BLAS matmul plus a C++ row top-k). Prefill queries beyond
 ``IndexParams.max_train_queries`` per head are evenly subsampled, as RoarGraph builds from a
 query sample; this keeps the kNN at 128K keys from costing as much as the prefill itself.
 """
@@ -144,7 +152,8 @@ class AttentionAwareIndex(KeyIndex):
         self._check_queries(queries, k)
         check_keys(keys, self.num_kv_heads, self.head_dim)
         width = self.params.ef_search if ef is None else ef
-        ids, scanned = self._graph.search(keys, np.ascontiguousarray(queries, dtype=np.float32), k, width, self._threads())
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        ids, scanned = self._graph.search(keys, q, k, width, self._threads())
         return SearchResult(ids, scanned)
 
     def _threads(self) -> int:

@@ -58,6 +58,8 @@ def ood_dataset(
     cluster_pull : float
         Weight of a query's pull towards one key cluster.
     """
+    if not 0 < content_dim < head_dim:
+        raise ValueError(f"ood_dataset requires 0 < content_dim < head_dim={head_dim} (got {content_dim})")
     rng = np.random.default_rng(seed)
     G = num_heads // num_kv_heads
     D, dA = head_dim, content_dim

@@ -169,3 +169,23 @@ def test_bad_input(data):
         index.search(data.test_queries, data.keys[:, :10], k=5)
     with pytest.raises(ValueError, match="truncate requires"):
         index.truncate(-1)
+
+
+def test_recall_bench_runs_on_both_sources(tmp_path):
+    from longctx.eval.bench_index import format_rows, format_summary, run_index_recall, summarize
+
+    sweeps = {"attention_aware": ("ef_search", [100, 200]), "ivf": ("nprobe", [4]), "hnsw": ("ef_search", [100])}
+    rows = run_index_recall(("synthetic",), k=10, n_keys=2000, num_heads=2, num_kv_heads=1, head_dim=16, n_train=200,
+                            n_test=10, sweeps=sweeps)
+    assert [(r["index"], r["value"]) for r in rows] == [
+        ("attention_aware", 100), ("attention_aware", 200), ("flat", None), ("ivf", 4), ("hnsw", 100)]
+    flat = next(r for r in rows if r["index"] == "flat")
+    assert flat["recall@10"] == 1.0 and flat["scan_fraction"] == 1.0
+    summary = summarize(rows, k=10)
+    assert {s["index"] for s in summary} == set(INDEX_TYPES)
+    assert "attention_aware" in format_rows(rows, k=10) and "min scan" in format_summary(summary)
+    # Q/K captured from a model forward (a small random Llama when the named model does not exist)
+    rows = run_index_recall(("model",), ["attention_aware"], k=10, context=300, model=str(tmp_path / "none"),
+                            n_train=100, n_test=10, n_sink=8, sweeps=sweeps)
+    assert rows[0]["source"] == "model:random-llama" and rows[0]["n_keys"] == 300 - 8 - 10
+    assert 0.0 < rows[0]["recall@10"] <= 1.0
