@@ -55,18 +55,18 @@ def format_patching_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Entry of ``longctx demo`` (prints: this is a CLI command)."""
+def run_demo(args: argparse.Namespace, emit=logger.info) -> int:
+    """Entry of ``longctx demo``; ``emit`` receives the report lines (the CLI passes ``print``)."""
     harness = _ruler_demo_available()
     if harness is not None and not args.patching_only:
-        return harness(args)
-    print("longctx demo: greedy generation on a tiny random Llama (256-token prompt), every backend at its defaults")
-    print("(backends whose budget covers the whole prompt fall back to dense and must agree exactly)")
+        return harness(args, emit)
+    emit("longctx demo: greedy generation on a tiny random Llama (256-token prompt), every backend at its defaults")
+    emit("(backends whose budget covers the whole prompt fall back to dense and must agree exactly)")
     rows = patching_demo(max_new_tokens=args.max_new_tokens or 16)
-    print(format_patching_rows(rows))
+    emit(format_patching_rows(rows))
     dense = next(r for r in rows if r["backend"] == "dense")
     if dense["agree"] != dense["of"]:
-        print("ERROR: dense backend disagrees with the unpatched model")
+        emit("ERROR: dense backend disagrees with the unpatched model")
         return 1
     return 0
 

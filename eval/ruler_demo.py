@@ -48,8 +48,8 @@ def demo_backends() -> list[Any]:
     return runs
 
 
-def run_ruler_demo(args: argparse.Namespace) -> int:
-    """Run the demo; prints the comparison table (this is a CLI entry point)."""
+def run_ruler_demo(args: argparse.Namespace, emit=logger.info) -> int:
+    """Run the demo; ``emit`` receives the header and comparison table (the CLI passes ``print``)."""
     from longctx.eval.results import comparison_markdown
     from longctx.eval.runner import EvalSpec, run_eval
 
@@ -69,12 +69,12 @@ def run_ruler_demo(args: argparse.Namespace) -> int:
         dtype="float32",
         device="cpu",
     )
-    print(f"longctx demo: RULER {', '.join(tasks)} at {lengths} tokens, {args.samples} samples each, "
+    emit(f"longctx demo: RULER {', '.join(tasks)} at {lengths} tokens, {args.samples} samples each, "
           f"bundled tiny target, backends {[b.label for b in spec.backends]}")
     if essay:
-        print(f"(essay tasks use the shipped synthetic stand-in essay text {essay}, not Paul Graham's essays)")
+        emit(f"(essay tasks use the shipped synthetic stand-in essay text {essay}, not Paul Graham's essays)")
     t0 = time.perf_counter()
     metrics = run_eval(spec)
-    print(comparison_markdown("ruler", metrics))
-    print(f"results and plots in {args.output}/ ({time.perf_counter() - t0:.0f} s)")
+    emit(comparison_markdown("ruler", metrics))
+    emit(f"results and plots in {args.output}/ ({time.perf_counter() - t0:.0f} s)")
     return 0

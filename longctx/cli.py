@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the training script (--help for them)")
     t.set_defaults(func=cmd_train_tiny)
     _mount_optional(sub, "longctx.eval.demo", "add_demo_subparser")
+    if "demo" in sub.choices:  # the demo reports through ``emit``; on the command line that is stdout
+        from longctx.eval.demo import run_demo
+
+        sub.choices["demo"].set_defaults(func=lambda a: run_demo(a, emit=print))
     return p
 
 
