@@ -240,6 +240,53 @@ void gemm_rows_n(int nt, const float* const* a, const float* S, int64_t r, int64
   }
 }
 
+// bf16 factors: acc[i * D + d] = sum_k a[i][k] * S[k][d], with a[i] r bf16 values (r even) and S stored
+// pair-interleaved as S2[k / 2][d][k % 2] (bf16), the layout of AVX512-BF16's dot product of pairs.
+template <int NT>
+void gemm_rows_bf16(const uint16_t* const* a, const uint16_t* S2, int64_t r, int64_t D, float* acc) {
+#if defined(__AVX512BF16__)
+  if (D % 64 == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __m512 c[NT][4];
+      for (int i = 0; i < NT; ++i)
+        for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+      for (int64_t k2 = 0; k2 < r / 2; ++k2) {
+        const uint16_t* sk = S2 + (k2 * D + d0) * 2;
+        __m512bh s[4];
+        for (int j = 0; j < 4; ++j) s[j] = (__m512bh)_mm512_loadu_si512(sk + 32 * j);
+        for (int i = 0; i < NT; ++i) {
+          int32_t pair;
+          std::memcpy(&pair, a[i] + 2 * k2, sizeof(pair));
+          const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+          for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], av, s[j]);
+        }
+      }
+      for (int i = 0; i < NT; ++i)
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + i * D + d0 + 16 * j, c[i][j]);
+    }
+    return;
+  }
+#endif
+  std::fill(acc, acc + NT * D, 0.f);
+  for (int64_t k = 0; k < r; ++k) {
+    const uint16_t* sk = S2 + (k / 2) * D * 2 + (k % 2);
+    for (int i = 0; i < NT; ++i) {
+      const float av = to_f32(a[i][k]);
+      float* ai = acc + i * D;
+      for (int64_t d = 0; d < D; ++d) ai[d] += av * to_f32(sk[2 * d]);
+    }
+  }
+}
+
+void gemm_rows_n(int nt, const uint16_t* const* a, const uint16_t* S2, int64_t r, int64_t D, float* acc) {
+  switch (nt) {
+    case 1: gemm_rows_bf16<1>(a, S2, r, D, acc); break;
+    case 2: gemm_rows_bf16<2>(a, S2, r, D, acc); break;
+    case 3: gemm_rows_bf16<3>(a, S2, r, D, acc); break;
+    default: gemm_rows_bf16<4>(a, S2, r, D, acc); break;
+  }
+}
+
 // ------------------------------------------------------------------------------------ scores
 template <typename T>
 py::array_t<float> scores_impl(const FArray& q, const T* lp, int64_t N, const std::optional<FArray>& bias, double scale,
@@ -357,106 +404,157 @@ Strided4 writable_view(py::array& a, const char* name, int64_t d0, int64_t d1, i
   return {static_cast<float*>(a.mutable_data()), a.strides(0) / f, a.strides(1) / f, a.strides(2) / f};
 }
 
-void shadowkv_rebuild(const FArray& u, const FArray& sv, const IArray& chunks, const IArray& slots, const IArray& counts,
-                      const FArray& cos, const FArray& sin, py::array out_k, const StridedFArray& v_src, py::array out_v,
-                      int64_t num_kv_heads, int num_threads) {
+// Everything the rebuild loop needs, validated once (no throwing inside OpenMP).
+struct RebuildPlan {
+  int64_t rows, M, N, C, D, B, Tc, r, Cs, Cc, R, K;
+  Strided4 ok, ov;
+  const int64_t *cp, *sp, *np;
+  const float *csp, *snp, *vp;
+  int64_t vs0, vs1, vs2;
+  int64_t num_kv_heads;
+};
+
+// u_rows x r: U's shape; sv_count: how many [r, D] SV matrices (rows or rows*C).
+RebuildPlan plan_rebuild(int64_t u_rows, int64_t r, int64_t sv_count, int64_t sv_r, int64_t sv_d, const IArray& chunks,
+                         const IArray& slots, const IArray& counts, const FArray& cos, const FArray& sin, py::array& out_k,
+                         const StridedFArray& v_src, py::array& out_v, int64_t num_kv_heads) {
   if (chunks.ndim() != 2 || slots.ndim() != 2 || slots.shape(0) != chunks.shape(0) || slots.shape(1) != chunks.shape(1))
     throw py::value_error("shadowkv_rebuild: chunks and slots require the same [rows, M] shape (got " + shape_of(chunks) +
                           " and " + shape_of(slots) + ")");
-  const int64_t rows = chunks.shape(0), M = chunks.shape(1);
-  if (num_kv_heads <= 0 || rows % num_kv_heads)
-    throw py::value_error("shadowkv_rebuild: rows (" + std::to_string(rows) + ") must be a multiple of num_kv_heads (got " +
+  RebuildPlan p{};
+  p.rows = chunks.shape(0);
+  p.M = chunks.shape(1);
+  p.num_kv_heads = num_kv_heads;
+  if (num_kv_heads <= 0 || p.rows % num_kv_heads)
+    throw py::value_error("shadowkv_rebuild: rows (" + std::to_string(p.rows) + ") must be a multiple of num_kv_heads (got " +
                           std::to_string(num_kv_heads) + ")");
-  if (counts.ndim() != 1 || counts.shape(0) != rows)
-    throw py::value_error("shadowkv_rebuild: counts requires [rows=" + std::to_string(rows) + "] (got " + shape_of(counts) + ")");
-  if (v_src.ndim() != 4 || v_src.shape(0) != rows)
+  if (counts.ndim() != 1 || counts.shape(0) != p.rows)
+    throw py::value_error("shadowkv_rebuild: counts requires [rows=" + std::to_string(p.rows) + "] (got " +
+                          shape_of(counts) + ")");
+  if (v_src.ndim() != 4 || v_src.shape(0) != p.rows)
     throw py::value_error("shadowkv_rebuild: v_src requires [rows, N, C, D] (got " + shape_of(v_src) + ")");
-  const int64_t N = v_src.shape(1), C = v_src.shape(2), D = v_src.shape(3);
-  if (D > 1 && v_src.strides(3) != static_cast<py::ssize_t>(sizeof(float)))
+  p.N = v_src.shape(1);
+  p.C = v_src.shape(2);
+  p.D = v_src.shape(3);
+  if (p.D > 1 && v_src.strides(3) != static_cast<py::ssize_t>(sizeof(float)))
     throw py::value_error("shadowkv_rebuild: v_src requires a contiguous last dim");
-  const int64_t B = rows / num_kv_heads;
-  if (u.ndim() != 2 || B == 0 || u.shape(0) % B || u.shape(0) / B < N * C)
-    throw py::value_error("shadowkv_rebuild: u requires [B*Tc, r] with Tc >= N*C (got " + shape_of(u) + ")");
-  const int64_t Tc = u.shape(0) / B, r = u.shape(1);
-  if (sv.ndim() != 3 || sv.shape(1) != r || sv.shape(2) != D || (sv.shape(0) != rows && sv.shape(0) != rows * C))
-    throw py::value_error("shadowkv_rebuild: sv requires [rows, r, D] or [rows*C, r, D] (got " + shape_of(sv) + ")");
-  const int64_t Cs = sv.shape(0) / rows;  // 1: one SV per KV head; C: one per in-chunk offset (folded RoPE)
-  if (cos.ndim() != 4 || cos.shape(0) != rows || cos.shape(1) != M || (cos.shape(2) != 1 && cos.shape(2) != C) ||
-      cos.shape(3) > D || cos.shape(3) % 2 || sin.ndim() != 4 || sin.shape(0) != cos.shape(0) || sin.shape(1) != cos.shape(1) ||
-      sin.shape(2) != cos.shape(2) || sin.shape(3) != cos.shape(3))
+  p.B = p.rows / num_kv_heads;
+  if (p.B == 0 || u_rows % p.B || u_rows / p.B < p.N * p.C)
+    throw py::value_error("shadowkv_rebuild: u requires [B*Tc, r] with Tc >= N*C (got " + std::to_string(u_rows) + " rows)");
+  p.Tc = u_rows / p.B;
+  p.r = r;
+  if (sv_r != r || sv_d != p.D || (sv_count != p.rows && sv_count != p.rows * p.C))
+    throw py::value_error("shadowkv_rebuild: sv requires [rows or rows*C, r=" + std::to_string(r) + ", D=" +
+                          std::to_string(p.D) + "] (got " + std::to_string(sv_count) + " matrices of " +
+                          std::to_string(sv_r) + " x " + std::to_string(sv_d) + ")");
+  p.Cs = sv_count / p.rows;  // 1: one SV per KV head; C: one per in-chunk offset (folded RoPE)
+  if (cos.ndim() != 4 || cos.shape(0) != p.rows || cos.shape(1) != p.M || (cos.shape(2) != 1 && cos.shape(2) != p.C) ||
+      cos.shape(3) > p.D || cos.shape(3) % 2 || sin.ndim() != 4 || sin.shape(0) != cos.shape(0) ||
+      sin.shape(1) != cos.shape(1) || sin.shape(2) != cos.shape(2) || sin.shape(3) != cos.shape(3))
     throw py::value_error("shadowkv_rebuild: cos and sin require [rows, M, 1 or C, R] with R even and <= D (got " +
                           shape_of(cos) + " and " + shape_of(sin) + ")");
-  const int64_t Cc = cos.shape(2), R = cos.shape(3), h = R / 2;
-  const int64_t K = out_k.ndim() == 4 ? out_k.shape(1) : 0;
-  Strided4 ok = writable_view(out_k, "out_k", rows, K, C, D);
-  Strided4 ov = writable_view(out_v, "out_v", rows, K, C, D);
-  const int64_t* cp = chunks.data();
-  const int64_t* sp = slots.data();
-  const int64_t* np = counts.data();
-  // validate every entry that will be used (no throwing inside OpenMP)
-  for (int64_t row = 0; row < rows; ++row) {
-    if (np[row] < 0 || np[row] > M)
-      throw py::value_error("shadowkv_rebuild: counts must be in [0, M=" + std::to_string(M) + "] (got " + std::to_string(np[row]) + ")");
-    for (int64_t j = 0; j < np[row]; ++j) {
-      if (cp[row * M + j] < 0 || cp[row * M + j] >= N)
-        throw py::value_error("shadowkv_rebuild: chunk ids must be in [0, N=" + std::to_string(N) + ") (got " +
-                              std::to_string(cp[row * M + j]) + ")");
-      if (sp[row * M + j] < 0 || sp[row * M + j] >= K)
-        throw py::value_error("shadowkv_rebuild: slots must be in [0, K=" + std::to_string(K) + ") (got " +
-                              std::to_string(sp[row * M + j]) + ")");
+  p.Cc = cos.shape(2);
+  p.R = cos.shape(3);
+  p.K = out_k.ndim() == 4 ? out_k.shape(1) : 0;
+  p.ok = writable_view(out_k, "out_k", p.rows, p.K, p.C, p.D);
+  p.ov = writable_view(out_v, "out_v", p.rows, p.K, p.C, p.D);
+  p.cp = chunks.data();
+  p.sp = slots.data();
+  p.np = counts.data();
+  for (int64_t row = 0; row < p.rows; ++row) {
+    if (p.np[row] < 0 || p.np[row] > p.M)
+      throw py::value_error("shadowkv_rebuild: counts must be in [0, M=" + std::to_string(p.M) + "] (got " +
+                            std::to_string(p.np[row]) + ")");
+    for (int64_t j = 0; j < p.np[row]; ++j) {
+      if (p.cp[row * p.M + j] < 0 || p.cp[row * p.M + j] >= p.N)
+        throw py::value_error("shadowkv_rebuild: chunk ids must be in [0, N=" + std::to_string(p.N) + ") (got " +
+                              std::to_string(p.cp[row * p.M + j]) + ")");
+      if (p.sp[row * p.M + j] < 0 || p.sp[row * p.M + j] >= p.K)
+        throw py::value_error("shadowkv_rebuild: slots must be in [0, K=" + std::to_string(p.K) + ") (got " +
+                              std::to_string(p.sp[row * p.M + j]) + ")");
     }
   }
-  const float* up = u.data();
-  const float* svp = sv.data();
-  const float* csp = cos.data();
-  const float* snp = sin.data();
-  const float* vp = v_src.data();
+  p.csp = cos.data();
+  p.snp = sin.data();
+  p.vp = v_src.data();
   const int64_t f = sizeof(float);
-  const int64_t vs0 = v_src.strides(0) / f, vs1 = v_src.strides(1) / f, vs2 = v_src.strides(2) / f;
+  p.vs0 = v_src.strides(0) / f;
+  p.vs1 = v_src.strides(1) / f;
+  p.vs2 = v_src.strides(2) / f;
+  return p;
+}
+
+// The loop of both rebuilds; T = float (fp32 factors) or uint16_t (bf16 U, pair-interleaved bf16 SV).
+template <typename T>
+void run_rebuild(const RebuildPlan& p, const T* up, const T* svp, int threads) {
+  const int64_t C = p.C, D = p.D, r = p.r, R = p.R, h = R / 2, M = p.M;
   const int64_t tiles = (M + kChunkTile - 1) / kChunkTile;
-  const int threads = resolve_threads(num_threads);
-  {
-    py::gil_scoped_release release;
+  py::gil_scoped_release release;
 #pragma omp parallel num_threads(threads)
-    {
-      std::vector<float> acc(static_cast<size_t>(kChunkTile * D));
+  {
+    std::vector<float> acc(static_cast<size_t>(kChunkTile * D));
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < rows * tiles; ++item) {
-        const int64_t row = item / tiles, j0 = (item % tiles) * kChunkTile;
-        const int64_t nt = std::min(kChunkTile, np[row] - j0);
-        if (nt <= 0) continue;
-        const int64_t b = row / num_kv_heads;
-        const int64_t* ch = cp + row * M + j0;
-        const int64_t* sl = sp + row * M + j0;
-        for (int64_t c = 0; c < C; ++c) {
-          // -- keys of token c of nt chunks: U rows @ SV, 4 tokens per register tile
-          const float* svc = svp + (row * Cs + (Cs > 1 ? c : 0)) * r * D;
-          for (int64_t i0 = 0; i0 < nt; i0 += 4) {
-            const float* a[4];
-            const int n4 = static_cast<int>(std::min<int64_t>(4, nt - i0));
-            for (int i = 0; i < n4; ++i) a[i] = up + (b * Tc + ch[i0 + i] * C + c) * r;
-            gemm_rows_n(n4, a, svc, r, D, acc.data() + i0 * D);
-          }
-          // -- RoPE on the first R dims, then write into the slot
-          for (int64_t i = 0; i < nt; ++i) {
-            const float* ai = acc.data() + i * D;
-            const int64_t t = ((row * M + j0 + i) * Cc + (Cc > 1 ? c : 0)) * R;
-            const float* cs = csp + t;
-            const float* sn = snp + t;
-            float* dst = ok.data + row * ok.s0 + sl[i] * ok.s1 + c * ok.s2;
+    for (int64_t item = 0; item < p.rows * tiles; ++item) {
+      const int64_t row = item / tiles, j0 = (item % tiles) * kChunkTile;
+      const int64_t nt = std::min(kChunkTile, p.np[row] - j0);
+      if (nt <= 0) continue;
+      const int64_t b = row / p.num_kv_heads;
+      const int64_t* ch = p.cp + row * M + j0;
+      const int64_t* sl = p.sp + row * M + j0;
+      for (int64_t c = 0; c < C; ++c) {
+        // -- keys of token c of nt chunks: U rows @ SV, 4 tokens per register tile
+        const T* svc = svp + (row * p.Cs + (p.Cs > 1 ? c : 0)) * r * D;
+        for (int64_t i0 = 0; i0 < nt; i0 += 4) {
+          const T* a[4];
+          const int n4 = static_cast<int>(std::min<int64_t>(4, nt - i0));
+          for (int i = 0; i < n4; ++i) a[i] = up + (b * p.Tc + ch[i0 + i] * C + c) * r;
+          gemm_rows_n(n4, a, svc, r, D, acc.data() + i0 * D);
+        }
+        // -- RoPE on the first R dims, then write into the slot
+        for (int64_t i = 0; i < nt; ++i) {
+          const float* ai = acc.data() + i * D;
+          const int64_t t = ((row * M + j0 + i) * p.Cc + (p.Cc > 1 ? c : 0)) * R;
+          const float* cs = p.csp + t;
+          const float* sn = p.snp + t;
+          float* dst = p.ok.data + row * p.ok.s0 + sl[i] * p.ok.s1 + c * p.ok.s2;
 #pragma omp simd
-            for (int64_t d = 0; d < h; ++d) dst[d] = ai[d] * cs[d] - ai[d + h] * sn[d];
+          for (int64_t d = 0; d < h; ++d) dst[d] = ai[d] * cs[d] - ai[d + h] * sn[d];
 #pragma omp simd
-            for (int64_t d = h; d < R; ++d) dst[d] = ai[d] * cs[d] + ai[d - h] * sn[d];
-            for (int64_t d = R; d < D; ++d) dst[d] = ai[d];
-            // -- the chunk's value row c, host tier -> slot
-            std::memcpy(ov.data + row * ov.s0 + sl[i] * ov.s1 + c * ov.s2, vp + row * vs0 + ch[i] * vs1 + c * vs2,
-                        static_cast<size_t>(D) * sizeof(float));
-          }
+          for (int64_t d = h; d < R; ++d) dst[d] = ai[d] * cs[d] + ai[d - h] * sn[d];
+          for (int64_t d = R; d < D; ++d) dst[d] = ai[d];
+          // -- the chunk's value row c, host tier -> slot
+          std::memcpy(p.ov.data + row * p.ov.s0 + sl[i] * p.ov.s1 + c * p.ov.s2,
+                      p.vp + row * p.vs0 + ch[i] * p.vs1 + c * p.vs2, static_cast<size_t>(D) * sizeof(float));
         }
       }
     }
   }
+}
+
+void shadowkv_rebuild(const FArray& u, const FArray& sv, const IArray& chunks, const IArray& slots, const IArray& counts,
+                      const FArray& cos, const FArray& sin, py::array out_k, const StridedFArray& v_src, py::array out_v,
+                      int64_t num_kv_heads, int num_threads) {
+  if (u.ndim() != 2) throw py::value_error("shadowkv_rebuild: u requires [B*Tc, r] (got " + shape_of(u) + ")");
+  if (sv.ndim() != 3) throw py::value_error("shadowkv_rebuild: sv requires [rows or rows*C, r, D] (got " + shape_of(sv) + ")");
+  const RebuildPlan p = plan_rebuild(u.shape(0), u.shape(1), sv.shape(0), sv.shape(1), sv.shape(2), chunks, slots, counts,
+                                     cos, sin, out_k, v_src, out_v, num_kv_heads);
+  run_rebuild<float>(p, u.data(), sv.data(), resolve_threads(num_threads));
+}
+
+using HArray = py::array_t<int16_t, py::array::c_style>;  // bf16 bit patterns (numpy has no bf16)
+
+void shadowkv_rebuild_bf16(const HArray& u, const HArray& sv2, const IArray& chunks, const IArray& slots,
+                           const IArray& counts, const FArray& cos, const FArray& sin, py::array out_k,
+                           const StridedFArray& v_src, py::array out_v, int64_t num_kv_heads, int num_threads) {
+  if (u.ndim() != 2 || u.shape(1) % 2)
+    throw py::value_error("shadowkv_rebuild_bf16: u requires [B*Tc, r] bf16 bits with r even (got " + shape_of(u) + ")");
+  if (sv2.ndim() != 4 || sv2.shape(3) != 2)
+    throw py::value_error("shadowkv_rebuild_bf16: sv2 requires [rows or rows*C, r/2, D, 2] bf16 bits (got " +
+                          shape_of(sv2) + ")");
+  const RebuildPlan p = plan_rebuild(u.shape(0), u.shape(1), sv2.shape(0), 2 * sv2.shape(1), sv2.shape(2), chunks, slots,
+                                     counts, cos, sin, out_k, v_src, out_v, num_kv_heads);
+  run_rebuild<uint16_t>(p, reinterpret_cast<const uint16_t*>(u.data()), reinterpret_cast<const uint16_t*>(sv2.data()),
+                        resolve_threads(num_threads));
 }
 
 }  // namespace
@@ -472,6 +570,11 @@ void register_shadowkv(py::module_& m) {
         "Rebuild missed chunks in place: out_k[row, slot] = RoPE(U[chunk rows] @ SV), out_v[row, slot] = v_src[row, chunk]\n"
         "for entries j < counts[row]. u [B*Tc, r], sv [rows or rows*C, r, D], chunks/slots [rows, M] int64,\n"
         "counts [rows], cos/sin [rows, M, 1 or C, R], out_k/out_v [rows, K, C, D] (strided), v_src [rows, N, C, D].");
+  m.def("shadowkv_rebuild_bf16", &shadowkv_rebuild_bf16, py::arg("u"), py::arg("sv2"), py::arg("chunks"), py::arg("slots"),
+        py::arg("counts"), py::arg("cos"), py::arg("sin"), py::arg("out_k"), py::arg("v_src"), py::arg("out_v"),
+        py::arg("num_kv_heads"), py::arg("num_threads") = 0,
+        "shadowkv_rebuild with bf16 factors (AVX512-BF16 dot products where the CPU has them): u [B*Tc, r] and\n"
+        "sv2 [rows or rows*C, r/2, D, 2] (SV pair-interleaved over r) as int16 bit patterns; the rest as shadowkv_rebuild.");
 }
 
 }  // namespace longctx

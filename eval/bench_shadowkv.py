@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del pre
     v = torch.randn(1, Hkv, T, D, generator=gen)
     opts = dict(sparse_budget=args.sparse_budget, rank=args.rank, svd_method=args.svd_method,
-                landmark_dtype=args.landmark_dtype)
+                landmark_dtype=args.landmark_dtype, factor_dtype=args.factor_dtype)
     sk = make_layer("shadowkv", ctx, **opts)
     t0 = time.perf_counter()
     sk.compress(k, v, pos)
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=160)
     p.add_argument("--svd-method", default="gram", choices=["gram", "svd", "lowrank"])
     p.add_argument("--landmark-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--factor-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--queries", default="random,walk", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated query regimes: random, walk")
     p.add_argument("--repeats", type=int, default=7)
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run(args)
     text = json.dumps(result, indent=1)
-    print(text)
+    sys.stdout.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
             f.write(text)

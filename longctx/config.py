@@ -143,8 +143,14 @@ class ShadowKVConfig(BackendConfig):
     landmark_dtype : {None, "float32", "bfloat16", "float16"}
         Storage dtype of the landmarks, which every decode step reads in full. Default
         ``None``: the keys' dtype (the official code runs in bf16 throughout). ``"bfloat16"``
-        halves their bytes for an fp32 cache (device tier 13% instead of 16% of dense KV at
-        128K); scores still accumulate in fp32.
+        halves their bytes for an fp32 cache; scores still accumulate in fp32.
+    factor_dtype : {None, "float32", "bfloat16", "float16"}
+        Storage dtype of the key factors U and SV. Default ``None``: the keys' dtype (a
+        full-rank fp32 cache then reproduces the keys to fp32 rounding). ``"bfloat16"`` halves
+        U's bytes (with bf16 landmarks: device tier 9.7% instead of 16.7% of dense KV at 128K);
+        the C++ rebuild then multiplies bf16 pairs with AVX512-BF16 (fp32 accumulation) and the
+        rebuilt keys carry bf16 rounding (~0.4% relative, far below the rank truncation error).
+        On the 2-core AVX-512 CPU of BENCHMARKS.md neither bf16 option made a decode step faster.
     """
 
     sparse_budget: int = 2048
@@ -157,6 +163,7 @@ class ShadowKVConfig(BackendConfig):
     dense_fallback: bool = True
     rope_theta: float = 10000.0
     landmark_dtype: Optional[str] = None
+    factor_dtype: Optional[str] = None
 
     def __post_init__(self):
         def is_int(value: Any) -> bool:
@@ -203,6 +210,13 @@ class ShadowKVConfig(BackendConfig):
             "landmark_dtype",
             f"None or one of {SHADOWKV_LANDMARK_DTYPES}",
             self.landmark_dtype,
+        )
+        _require(
+            self.factor_dtype in (None, *SHADOWKV_LANDMARK_DTYPES),
+            name,
+            "factor_dtype",
+            f"None or one of {SHADOWKV_LANDMARK_DTYPES}",
+            self.factor_dtype,
         )
 
     @property

@@ -336,6 +336,7 @@ class ShadowKVLayer(BackendLayer):
         self.sv_rot: Optional[torch.Tensor] = None  # [B, Hkv, r, 2D]: SV | rotate_half(SV), for fused RoPE
         self.sv_offsets: Optional[torch.Tensor] = None  # [B*Hkv*C, r, D]: SV rotated by each in-chunk offset
         self._fold_checked = False
+        self._sv2: Optional[tuple[tuple, torch.Tensor]] = None  # (source SV's (ptr, shape), its bf16 pair layout)
         self.landmarks: Optional[torch.Tensor] = None  # [B, Hkv, N, D]
         self.landmark_bias: Optional[torch.Tensor] = None  # [B, Hkv, N] 0 / -inf (outliers)
         self.v_host: Optional[torch.Tensor] = None  # [B, Hkv, N, C, D]
@@ -434,8 +435,8 @@ class ShadowKVLayer(BackendLayer):
         # low-rank pre-RoPE keys: one factorisation per sequence, shared by the KV heads
         self.pos_ctx = positions[:, :Tc].to(torch.long).contiguous()
         r = self.rank
-        self.u = k.new_empty(B, Tc, r)
-        self.sv = k.new_empty(B, Hkv, r, D)
+        self.u = k.new_empty(B, Tc, r, dtype=getattr(torch, cfg.factor_dtype) if cfg.factor_dtype else k.dtype)
+        self.sv = k.new_empty(B, Hkv, r, D, dtype=self.u.dtype)
         errors = []
         for b in range(B):  # per sequence (prefill only)
             k_pre = k.new_empty(Hkv, Tc, D)
@@ -444,7 +445,7 @@ class ShadowKVLayer(BackendLayer):
                 k_pre[:, s:e] = self.rotary.invert(k[b : b + 1, :, s:e], self.pos_ctx[b : b + 1, s:e])[0]
             basis, err = key_basis(k_pre, r, cfg.svd_method)
             project_keys(k_pre, basis, self.u[b])
-            self.sv[b] = basis.T.reshape(r, Hkv, D).transpose(0, 1).to(k.dtype)
+            self.sv[b] = basis.T.reshape(r, Hkv, D).transpose(0, 1).to(self.sv.dtype)
             errors.append(err)
             del k_pre
         self.key_rel_error = max(errors)
@@ -489,7 +490,8 @@ class ShadowKVLayer(BackendLayer):
         self.n_gen += S
 
     def _impl(self, device: torch.device) -> str:
-        """``"triton"`` (CUDA), ``"cpp"`` (CPU, fp32, ``longctx._C``) or ``"torch"``; ``LONGCTX_OPS`` can force one.
+        """How the key rebuild runs: ``"triton"`` (CUDA), ``"cpp"`` (CPU, ``longctx._C``; fp32 factors,
+        or bf16 factors of even rank) or ``"torch"``; ``LONGCTX_OPS`` can force one.
 
         The fused paths need the rotary's ``cos_sin`` tables; without them the torch path
         applies ``rotary.apply`` per token.
@@ -501,8 +503,20 @@ class ShadowKVLayer(BackendLayer):
             return "torch"
         if choice == "triton":
             return "triton"
-        fp32_on_cpu = device.type == "cpu" and self.v_host.device.type == "cpu" and self.u.dtype == torch.float32
-        if choice == "cpp" and fp32_on_cpu and self.landmarks.dtype in (torch.float32, torch.bfloat16):
+        on_cpu = device.type == "cpu" and self.v_host.device.type == "cpu" and self.k_buf.dtype == torch.float32
+        factors_ok = self.u.dtype == torch.float32 or (self.u.dtype == torch.bfloat16 and self.rank % 2 == 0)
+        if choice == "cpp" and on_cpu and factors_ok:
+            return "cpp"
+        return "torch"
+
+    def _score_impl(self, device: torch.device) -> str:
+        """How landmarks are scored: as :meth:`_impl`, but independent of the factors' dtype."""
+        from longctx.ops import pick_impl
+
+        choice = pick_impl(device)
+        if choice == "triton":
+            return "triton"
+        if choice == "cpp" and device.type == "cpu" and self.landmarks.dtype in (torch.float32, torch.bfloat16):
             return "cpp"
         return "torch"
 
@@ -510,12 +524,12 @@ class ShadowKVLayer(BackendLayer):
         """Pick the top chunks per KV head and make the selected region hold them."""
         B, Hkv, N = self.landmarks.shape[:3]
         K = self.n_select
-        impl = self._impl(q.device)
-        if impl == "triton":
+        impl, score_impl = self._impl(q.device), self._score_impl(q.device)
+        if score_impl == "triton":
             from longctx.triton_kernels.shadowkv_select import landmark_scores_triton
 
             scores = landmark_scores_triton(q, self.landmarks, self.landmark_bias, self.ctx.scale)
-        elif impl == "cpp":
+        elif score_impl == "cpp":
             scores = self._scores_cpp(q)
         else:
             scores = landmark_scores(q, self.landmarks, self.landmark_bias, self.ctx.scale)
@@ -584,18 +598,19 @@ class ShadowKVLayer(BackendLayer):
             # cos/sin tables are only needed at the M chunk starts (C times fewer transcendentals)
             tok = chunks.unsqueeze(2) * C + torch.arange(C, device=dev).view(1, 1, C, 1)  # [B, Hkv, C, M]
             u_sel = self.u.view(B * Tc, r).index_select(0, (tok + base).view(-1)).view(B * Hkv * C, M, r)
-            keys = torch.bmm(u_sel, sv_offsets).view(B * Hkv, C, M, D)  # offset-rotated, start not yet
+            # fp32 products of the stored factors (bf16 factors too: the reference of the C++ kernel)
+            keys = torch.bmm(u_sel.float(), sv_offsets.float()).view(B * Hkv, C, M, D)  # offset-rotated, start not yet
             starts = self.pos_ctx.view(-1).index_select(0, (chunks.unsqueeze(-1) * C + base).view(-1))
-            cos, sin = self.rotary.cos_sin(starts.view(B * Hkv, M), keys)  # [B*Hkv, 1, M, R]
+            cos, sin = self.rotary.cos_sin(starts.view(B * Hkv, M), self.k_buf)  # [B*Hkv, 1, M, R]
             keys = rope_inplace_halves(keys, cos, sin).view(B, Hkv, C, M, D).transpose(2, 3)
         else:
             tok = chunks.unsqueeze(-1) * C + torch.arange(C, device=dev)  # [B, Hkv, M, C]
             rows = (tok + base).view(-1)
             u_sel = self.u.view(B * Tc, r).index_select(0, rows).view(B * Hkv, M * C, r)
             pos = self.pos_ctx.view(-1).index_select(0, rows).view(B * Hkv, M * C)
-            keys = torch.bmm(u_sel, self.sv.view(B * Hkv, r, D))  # [B*Hkv, M*C, D] pre-RoPE
+            keys = torch.bmm(u_sel.float(), self.sv.view(B * Hkv, r, D).float())  # [B*Hkv, M*C, D] pre-RoPE
             if hasattr(self.rotary, "cos_sin"):
-                cos, sin = self.rotary.cos_sin(pos, keys)  # [B*Hkv, 1, M*C, R]
+                cos, sin = self.rotary.cos_sin(pos, self.k_buf)  # [B*Hkv, 1, M*C, R]
                 keys = rope_inplace_halves(keys, cos.squeeze(1), sin.squeeze(1))
             else:
                 keys = self.rotary.apply(keys.unsqueeze(1), pos)
@@ -644,6 +659,16 @@ class ShadowKVLayer(BackendLayer):
             cos, sin = (t.reshape(rows, M, C, -1) for t in self.rotary.cos_sin(pos, self.k_buf))
             sv = self.sv.view(rows, r, D)
         sel_k, sel_v = self._selected_views()
+        if self.u.dtype == torch.bfloat16:  # AVX512-BF16 dot products over SV pairs
+            sv2 = self._sv_pairs(sv)
+            _C.shadowkv_rebuild_bf16(
+                self.u.view(B * Tc, r).view(torch.int16).numpy(), sv2.view(torch.int16).numpy(),
+                chunks.reshape(rows, M).numpy(), target.reshape(rows, M).numpy(),
+                counts.reshape(rows).numpy(), cos.float().contiguous().numpy(), sin.float().contiguous().numpy(),
+                sel_k.view(rows, self.n_select, C, D).numpy(), self.v_host.view(rows, self.n_chunks, C, D).numpy(),
+                sel_v.view(rows, self.n_select, C, D).numpy(), Hkv, torch.get_num_threads(),
+            )
+            return
         _C.shadowkv_rebuild(
             self.u.view(B * Tc, r).numpy(), sv.numpy(),
             chunks.reshape(rows, M).numpy(), target.reshape(rows, M).numpy(),
@@ -651,6 +676,14 @@ class ShadowKVLayer(BackendLayer):
             sel_k.view(rows, self.n_select, C, D).numpy(), self.v_host.view(rows, self.n_chunks, C, D).numpy(),
             sel_v.view(rows, self.n_select, C, D).numpy(), Hkv, torch.get_num_threads(),
         )
+
+    def _sv_pairs(self, sv: torch.Tensor) -> torch.Tensor:
+        """``[X, r/2, D, 2]`` bf16: ``sv`` (``[X, r, D]``) interleaved over pairs of rank rows, cached per source."""
+        key = (sv.data_ptr(), tuple(sv.shape))
+        if self._sv2 is None or self._sv2[0] != key:
+            X, r, D = sv.shape
+            self._sv2 = (key, sv.view(X, r // 2, 2, D).transpose(-1, -2).contiguous())
+        return self._sv2[1]
 
     def _offset_rotated_sv(self) -> Optional[torch.Tensor]:
         """``[B*Hkv*C, r, D]``: SV with each key row rotated by RoPE's offset ``c`` in its chunk, cached.
@@ -678,10 +711,10 @@ class ShadowKVLayer(BackendLayer):
         if not bool((chunk_pos - chunk_pos[..., :1] == offs).all()):
             return None
         starts = chunk_pos[0, :: max(1, N // 4), 0][:4].view(1, -1)  # a few real chunk starts
-        cos_p, sin_p = (t[:, 0, :, None, :] for t in self.rotary.cos_sin(starts, self.sv))  # [1, P, 1, R]
-        cos_c, sin_c = (t[:, 0, None, :, :] for t in self.rotary.cos_sin(offs.view(1, C), self.sv))  # [1, 1, C, R]
-        scale = self.rotary.cos_sin(torch.zeros(1, 1, dtype=torch.long, device=dev), self.sv)[0].flatten()[0]
-        direct_cos, direct_sin = self.rotary.cos_sin((starts.view(-1, 1) + offs).view(1, -1), self.sv)
+        cos_p, sin_p = (t[:, 0, :, None, :] for t in self.rotary.cos_sin(starts, self.k_buf))  # [1, P, 1, R]
+        cos_c, sin_c = (t[:, 0, None, :, :] for t in self.rotary.cos_sin(offs.view(1, C), self.k_buf))  # [1, 1, C, R]
+        scale = self.rotary.cos_sin(torch.zeros(1, 1, dtype=torch.long, device=dev), self.k_buf)[0].flatten()[0]
+        direct_cos, direct_sin = self.rotary.cos_sin((starts.view(-1, 1) + offs).view(1, -1), self.k_buf)
         comp_cos = (cos_p * cos_c - sin_p * sin_c) / scale
         comp_sin = (sin_p * cos_c + cos_p * sin_c) / scale
         # the model's rotary rounds p·θ in fp32: allow that much (a few ulps of the largest angle), no more
@@ -745,7 +778,7 @@ class ShadowKVLayer(BackendLayer):
 
         device = sum(
             nbytes(t)
-            for t in (self.u, self.sv, self.sv_rot, self.sv_offsets, self.landmarks, self.landmark_bias, self.pos_ctx,
+            for t in (self.u, self.sv, self.sv_rot, self.sv_offsets, self._sv2 and self._sv2[1], self.landmarks, self.landmark_bias, self.pos_ctx,
                       self.outlier_ids, self.slot_of, self.slot_ids)
         )
         if self.k_buf is not None:

@@ -123,7 +123,7 @@ def test_bad_inputs(gen):
 def test_full_rank_full_budget_equals_dense(gen, opts):
     H, Hkv, D, T, B = 4, 2, 16, 96, 2
     ctx = _ctx(H, Hkv, D)
-    sk = make_layer("shadowkv", ctx, rank=Hkv * D, local_window=8, **opts)
+    sk = make_layer("shadowkv", ctx, rank=Hkv * D, local_window=8, factor_dtype=None, **opts)
     dense = make_layer("dense", ctx)
     for out_dense, out_sk in _run_pair([dense, sk], gen, B, H, Hkv, D, T, steps=64, verify_at=(10, 40)):
         torch.testing.assert_close(out_sk, out_dense, atol=ATOL, rtol=RTOL)
@@ -144,13 +144,15 @@ class _ApplyOnlyRotary:
 def test_rope_paths_agree(gen):
     H, Hkv, D, T, B = 4, 2, 16, 400, 2
     rope = RotaryHelper(LlamaRopeEmb(D, 10000.0))
-    folded = make_layer("shadowkv", _ctx(H, Hkv, D, rotary=rope), sparse_budget=64, rank=16)
-    per_token = make_layer("shadowkv", _ctx(H, Hkv, D, rotary=_ApplyOnlyRotary(rope)), sparse_budget=64, rank=16)
+    exact = dict(factor_dtype=None)  # fp32 factors: the two RoPE paths agree to fp32 rounding
+    folded = make_layer("shadowkv", _ctx(H, Hkv, D, rotary=rope), sparse_budget=64, rank=16, **exact)
+    per_token = make_layer("shadowkv", _ctx(H, Hkv, D, rotary=_ApplyOnlyRotary(rope)), sparse_budget=64, rank=16,
+                           **exact)
     for a, b in _run_pair([folded, per_token], gen, B, H, Hkv, D, T, steps=6, verify_at=(3,)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert folded.sv_offsets is not None and per_token.sv_offsets is None
     # positions that are not consecutive inside chunks: per-token cos/sin, still exact at full rank
-    sk = make_layer("shadowkv", _ctx(H, Hkv, D), sparse_budget=T, rank=Hkv * D)
+    sk = make_layer("shadowkv", _ctx(H, Hkv, D), sparse_budget=T, rank=Hkv * D, **exact)
     dense = make_layer("dense", _ctx(H, Hkv, D))
     q, k, v, _ = _inputs(gen, 1, H, Hkv, T, D)
     pos = (torch.arange(T) * 3).unsqueeze(0)
@@ -274,7 +276,8 @@ def test_landmark_scores_semantics(gen):
 # ----------------------------------------------------------------------------- memory, stats, reuse, rollback
 def test_memory_per_tier(gen):
     B, H, Hkv, D, T, C = 2, 4, 2, 16, 1000, 8
-    layer = make_layer("shadowkv", _ctx(H, Hkv, D), sparse_budget=64, rank=12, local_window=32)
+    layer = make_layer("shadowkv", _ctx(H, Hkv, D), sparse_budget=64, rank=12, local_window=32,
+                       landmark_dtype=None, factor_dtype=None)  # fp32 throughout: the byte counts below
     q, k, v, pos = _inputs(gen, B, H, Hkv, T, D)
     layer.prefill(q, k, v, pos)
     N = (T - 32) // C
@@ -351,7 +354,7 @@ def test_batch_rows_are_independent(gen):
 def test_generates_4k_tokens_without_cap(gen):
     H, Hkv, D, T, steps = 2, 1, 16, 64, 4200
     ctx = _ctx(H, Hkv, D)
-    sk = make_layer("shadowkv", ctx, sparse_budget=64, rank=Hkv * D, local_window=8)
+    sk = make_layer("shadowkv", ctx, sparse_budget=64, rank=Hkv * D, local_window=8, factor_dtype=None)
     dense = make_layer("dense", ctx)
     q, k, v, pos = _inputs(gen, 1, H, Hkv, T, D)
     sk.prefill(q, k, v, pos)
@@ -434,6 +437,21 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
     assert torch.equal(outs[0][1], outs[1][1])
     assert outs[0][0][1].eq(0).all()  # count 0 writes nothing
+    # bf16 factors: U as bits, SV pair-interleaved over r; the reference multiplies the same rounded values
+    u16, sv16 = u.bfloat16(), sv.bfloat16()
+    sv2 = sv16.view(sv.shape[0], r // 2, 2, D).transpose(-1, -2).contiguous()
+    got_k, got_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
+    _C.shadowkv_rebuild_bf16(u16.view(torch.int16).numpy(), sv2.view(torch.int16).numpy(), chunks.numpy(),
+                             slots.numpy(), counts.numpy(), cos.numpy(), sin.numpy(), got_k.numpy(), v_src.numpy(),
+                             got_v.numpy(), Hkv, 2)
+    ref_k, ref_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
+    _rebuild_ref(u16.float(), sv16.float(), chunks, slots, counts, cos, sin, ref_k, v_src, ref_v, Hkv)
+    torch.testing.assert_close(got_k, ref_k, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_v, ref_v)
+    with pytest.raises(ValueError, match="r even"):
+        _C.shadowkv_rebuild_bf16(u16[:, :-1].contiguous().view(torch.int16).numpy(), sv2.view(torch.int16).numpy(),
+                                 chunks.numpy(), slots.numpy(), counts.numpy(), cos.numpy(), sin.numpy(),
+                                 got_k.numpy(), v_src.numpy(), got_v.numpy(), Hkv, 1)
     with pytest.raises(ValueError, match="chunk ids must be in"):
         bad = chunks.clone()
         bad[0, 0] = Nc
@@ -441,8 +459,9 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
                             sin.numpy(), ok.numpy(), v_src.numpy(), ov.numpy(), Hkv, 1)
 
 
-@pytest.mark.parametrize("D, landmark_dtype", [(64, None), (32, None), (64, "bfloat16")])
-def test_backend_cpp_path_matches_torch(gen, monkeypatch, D, landmark_dtype):
+@pytest.mark.parametrize("D, landmark_dtype, factor_dtype",
+                         [(64, None, None), (32, None, None), (64, "bfloat16", None), (64, "bfloat16", "bfloat16")])
+def test_backend_cpp_path_matches_torch(gen, monkeypatch, D, landmark_dtype, factor_dtype):
     from longctx.ops import cpp_available
 
     if not cpp_available():
@@ -452,7 +471,8 @@ def test_backend_cpp_path_matches_torch(gen, monkeypatch, D, landmark_dtype):
     outs, layers = {}, {}
     for impl in ("ref", "cpp"):
         monkeypatch.setenv("LONGCTX_OPS", impl)
-        layer = make_layer("shadowkv", ctx, sparse_budget=64, rank=24, landmark_dtype=landmark_dtype)
+        layer = make_layer("shadowkv", ctx, sparse_budget=64, rank=24, landmark_dtype=landmark_dtype,
+                           factor_dtype=factor_dtype)
         g = torch.Generator().manual_seed(9)
         outs[impl] = [o[0] for o in _run_pair([layer], g, B, H, Hkv, D, T, steps=6, verify_at=(2,))]
         layers[impl] = layer
@@ -527,3 +547,23 @@ def test_patched_generate_sparse_reports_stats(gen):
     part = stats[0][0]
     assert part["chunks_selected"] == 8 and part["rank"] == 16 and part["decode_steps"] == 7
     assert 0.0 <= part["hit_rate"] <= 1.0 and mem["host"] > 0 and mem["device"] > 0
+
+
+def test_bf16_factors_track_fp32_factors(gen):
+    """``factor_dtype="bfloat16"`` stores U/SV in bf16 (half of U's bytes) and rebuilds keys within
+    bf16 rounding of the fp32-factor cache: same chunks selected, outputs within ~1%."""
+    H, Hkv, D, T, B = 4, 2, 32, 900, 1
+    ctx = _ctx(H, Hkv, D)
+    runs = {}
+    for fdt in (None, "bfloat16"):
+        layer = make_layer("shadowkv", ctx, sparse_budget=128, rank=48, factor_dtype=fdt, landmark_dtype="bfloat16")
+        g = torch.Generator().manual_seed(4)
+        runs[fdt] = ([o[0] for o in _run_pair([layer], g, B, H, Hkv, D, T, steps=5)], layer)
+    (out32, l32), (out16, l16) = runs[None], runs["bfloat16"]
+    assert l32.u.dtype == torch.float32 and l16.u.dtype == torch.bfloat16 and l16.sv.dtype == torch.bfloat16
+    assert l16.memory()["device"] < l32.memory()["device"]
+    assert torch.equal(l32.slot_ids, l16.slot_ids)  # selection does not read the factors
+    torch.testing.assert_close(out32[0], out16[0])  # prefill is dense
+    for a, b in zip(out32[1:], out16[1:]):
+        rel = (a - b).norm() / a.norm()
+        assert 0 < rel < 2e-2, rel
