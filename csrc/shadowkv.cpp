@@ -231,19 +231,10 @@ void gemm_rows(const float* const* a, const float* S, int64_t r, int64_t D, floa
   }
 }
 
-void gemm_rows_n(int nt, const float* const* a, const float* S, int64_t r, int64_t D, float* acc) {
-  switch (nt) {
-    case 1: gemm_rows<1>(a, S, r, D, acc); break;
-    case 2: gemm_rows<2>(a, S, r, D, acc); break;
-    case 3: gemm_rows<3>(a, S, r, D, acc); break;
-    default: gemm_rows<4>(a, S, r, D, acc); break;
-  }
-}
-
 // bf16 factors: acc[i * D + d] = sum_k a[i][k] * S[k][d], with a[i] r bf16 values (r even) and S stored
 // pair-interleaved as S2[k / 2][d][k % 2] (bf16), the layout of AVX512-BF16's dot product of pairs.
 template <int NT>
-void gemm_rows_bf16(const uint16_t* const* a, const uint16_t* S2, int64_t r, int64_t D, float* acc) {
+void gemm_rows(const uint16_t* const* a, const uint16_t* S2, int64_t r, int64_t D, float* acc) {
 #if defined(__AVX512BF16__)
   if (D % 64 == 0) {
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -278,12 +269,14 @@ void gemm_rows_bf16(const uint16_t* const* a, const uint16_t* S2, int64_t r, int
   }
 }
 
-void gemm_rows_n(int nt, const uint16_t* const* a, const uint16_t* S2, int64_t r, int64_t D, float* acc) {
+// Dispatch on the tile height; T picks the fp32 or the bf16 overload of gemm_rows.
+template <typename T>
+void gemm_rows_n(int nt, const T* const* a, const T* S, int64_t r, int64_t D, float* acc) {
   switch (nt) {
-    case 1: gemm_rows_bf16<1>(a, S2, r, D, acc); break;
-    case 2: gemm_rows_bf16<2>(a, S2, r, D, acc); break;
-    case 3: gemm_rows_bf16<3>(a, S2, r, D, acc); break;
-    default: gemm_rows_bf16<4>(a, S2, r, D, acc); break;
+    case 1: gemm_rows<1>(a, S, r, D, acc); break;
+    case 2: gemm_rows<2>(a, S, r, D, acc); break;
+    case 3: gemm_rows<3>(a, S, r, D, acc); break;
+    default: gemm_rows<4>(a, S, r, D, acc); break;
   }
 }
 
