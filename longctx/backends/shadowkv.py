@@ -659,18 +659,13 @@ class ShadowKVLayer(BackendLayer):
             cos, sin = (t.reshape(rows, M, C, -1) for t in self.rotary.cos_sin(pos, self.k_buf))
             sv = self.sv.view(rows, r, D)
         sel_k, sel_v = self._selected_views()
-        if self.u.dtype == torch.bfloat16:  # AVX512-BF16 dot products over SV pairs
-            sv2 = self._sv_pairs(sv)
-            _C.shadowkv_rebuild_bf16(
-                self.u.view(B * Tc, r).view(torch.int16).numpy(), sv2.view(torch.int16).numpy(),
-                chunks.reshape(rows, M).numpy(), target.reshape(rows, M).numpy(),
-                counts.reshape(rows).numpy(), cos.float().contiguous().numpy(), sin.float().contiguous().numpy(),
-                sel_k.view(rows, self.n_select, C, D).numpy(), self.v_host.view(rows, self.n_chunks, C, D).numpy(),
-                sel_v.view(rows, self.n_select, C, D).numpy(), Hkv, torch.get_num_threads(),
-            )
-            return
-        _C.shadowkv_rebuild(
-            self.u.view(B * Tc, r).numpy(), sv.numpy(),
+        u = self.u.view(B * Tc, r)
+        if u.dtype == torch.bfloat16:  # AVX512-BF16 dot products over SV pairs; numpy sees the bits as int16
+            rebuild, u_arr, sv_arr = _C.shadowkv_rebuild_bf16, u.view(torch.int16), self._sv_pairs(sv).view(torch.int16)
+        else:
+            rebuild, u_arr, sv_arr = _C.shadowkv_rebuild, u, sv
+        rebuild(
+            u_arr.numpy(), sv_arr.numpy(),
             chunks.reshape(rows, M).numpy(), target.reshape(rows, M).numpy(),
             counts.reshape(rows).numpy(), cos.float().contiguous().numpy(), sin.float().contiguous().numpy(),
             sel_k.view(rows, self.n_select, C, D).numpy(), self.v_host.view(rows, self.n_chunks, C, D).numpy(),
@@ -778,8 +773,8 @@ class ShadowKVLayer(BackendLayer):
 
         device = sum(
             nbytes(t)
-            for t in (self.u, self.sv, self.sv_rot, self.sv_offsets, self._sv2 and self._sv2[1], self.landmarks, self.landmark_bias, self.pos_ctx,
-                      self.outlier_ids, self.slot_of, self.slot_ids)
+            for t in (self.u, self.sv, self.sv_rot, self.sv_offsets, self._sv2 and self._sv2[1], self.landmarks,
+                      self.landmark_bias, self.pos_ctx, self.outlier_ids, self.slot_of, self.slot_ids)
         )
         if self.k_buf is not None:
             device += 2 * nbytes(self.k_buf[:, :, : self.n_fixed + self.n_gen])
