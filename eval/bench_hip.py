@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -149,11 +150,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for T in (int(x) for x in args.contexts.split(",")):
         rows.append(bench_context(T, cfg, args.repeats, args.dense_repeats, args.decode_cycles, args.seed))
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+        sys.stdout.write(format_table(rows[-1:]).splitlines()[-1] + "\n")
+        sys.stdout.flush()
         gc.collect()
-    print(f"\nHiP {cfg}\ntorch {torch.__version__}, {args.threads} threads, fp32, batch 1, "
-          f"H={SHAPE['num_heads']} Hkv={SHAPE['num_kv_heads']} D={SHAPE['head_dim']}\n")
-    print(format_table(rows))
+    sys.stdout.write(f"\nHiP {cfg}\ntorch {torch.__version__}, {args.threads} threads, fp32, batch 1, "
+                     f"H={SHAPE['num_heads']} Hkv={SHAPE['num_kv_heads']} D={SHAPE['head_dim']}\n\n")
+    sys.stdout.write(format_table(rows) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": cfg.to_dict(), "rows": rows}, f, indent=1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -334,10 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for src in dict.fromkeys(r["source"] for r in rows):
         mine = [r for r in rows if r["source"] == src]
         head = f"{mine[0]['n_keys']} keys per head, Mahalanobis ratio (queries vs keys) {mine[0]['mahalanobis_ratio']}"
-        print(f"\n## {src}: {head}\n")
-        print(format_rows(mine, args.k))
-    print("\n## summary\n")
-    print(format_summary(summary))
+        sys.stdout.write(f"\n## {src}: {head}\n\n" + format_rows(mine, args.k) + "\n")
+    sys.stdout.write("\n## summary\n\n" + format_summary(summary) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "summary": summary}, f, indent=1)

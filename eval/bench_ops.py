@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -132,9 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         args.sdpa,
         clock=args.clock,
     )
-    print(f"sparse_attention, median {args.clock} ms over {args.repeats} runs, {args.threads} threads, fp32, "
-          f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim} B=1, C++ kernel: {cpp_isa() or 'not built'}")
-    print(format_table(rows))
+    sys.stdout.write(f"sparse_attention, median {args.clock} ms over {args.repeats} runs, {args.threads} threads, "
+                     f"fp32, H={args.heads} Hkv={args.kv_heads} D={args.head_dim} B=1, "
+                     f"C++ kernel: {cpp_isa() or 'not built'}\n")
+    sys.stdout.write(format_table(rows) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -229,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     row = run_decode_speed(args.context, num_heads=H, num_kv_heads=Hkv, head_dim=args.head_dim, batch=args.batch,
                            options=options, repeats=args.repeats, warmup=args.warmup,
                            prefill_context=args.prefill_context, thread_counts=thread_counts, seed=args.seed)
-    print(json.dumps(row, indent=1))
+    sys.stdout.write(json.dumps(row, indent=1) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=1)

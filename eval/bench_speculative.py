@@ -40,6 +40,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -406,8 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     setup, rows = run(args)
-    print(json.dumps(setup))
-    print(format_table(rows))
+    sys.stdout.write(json.dumps(setup) + "\n" + format_table(rows) + "\n")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"setup": setup, "rows": rows}, fh, indent=1, default=str)

@@ -60,3 +60,17 @@ def saved_models(tmp_path_factory):
 def gen():
     """A seeded torch.Generator for fresh random inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def faiss_single_thread():
+    """One torch and one faiss thread for a test module: on tiny problems OpenMP barriers cost more
+    than they save, badly so on a loaded machine."""
+    import faiss
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)

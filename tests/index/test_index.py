@@ -21,17 +21,7 @@ from longctx.index.synthetic import ood_dataset
 H, HKV, D = 4, 2, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny problems: OpenMP barriers cost more than they save, badly so on a loaded machine
-    import faiss
-
-    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_threads)
-    faiss.omp_set_num_threads(faiss_threads)
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")
 
 
 @pytest.fixture(scope="module")
