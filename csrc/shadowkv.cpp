@@ -192,15 +192,43 @@ void score_block(const float* qs, int64_t GS, const T* L, int64_t N, int64_t D, 
   }
 }
 
+#if defined(__AVX512F__)
+// Register tile shared by both rebuild GEMMs: for every 64-wide column block d0, NT x 4 accumulators
+// start at zero, accumulate(c, d0) runs the k loop into them, and the tile is stored to acc.
+template <int NT, typename Accumulate>
+inline void tile_columns64(int64_t D, float* acc, Accumulate&& accumulate) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512 c[NT][4];
+    for (int i = 0; i < NT; ++i)
+      for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+    accumulate(c, d0);
+    for (int i = 0; i < NT; ++i)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + i * D + d0 + 16 * j, c[i][j]);
+  }
+}
+#endif
+
+// Portable path of both: S's element (k, d) is S[k_offset(k) + d * d_stride].
+template <int NT, typename T, typename KOffset>
+void gemm_rows_plain(const T* const* a, const T* S, int64_t r, int64_t D, int64_t d_stride, KOffset k_offset,
+                     float* acc) {
+  std::fill(acc, acc + NT * D, 0.f);
+  for (int64_t k = 0; k < r; ++k) {
+    const T* sk = S + k_offset(k);
+    for (int i = 0; i < NT; ++i) {
+      const float av = to_f32(a[i][k]);
+      float* ai = acc + i * D;
+      for (int64_t d = 0; d < D; ++d) ai[d] += av * to_f32(sk[d * d_stride]);
+    }
+  }
+}
+
 // acc[i * D + d] = sum_k a[i][k] * S[k * D + d] for i < NT tokens (a[i] = U rows), D % 64 == 0 on the fast path
 template <int NT>
 void gemm_rows(const float* const* a, const float* S, int64_t r, int64_t D, float* acc) {
 #if defined(__AVX512F__)
   if (D % 64 == 0) {
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      __m512 c[NT][4];
-      for (int i = 0; i < NT; ++i)
-        for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+    tile_columns64<NT>(D, acc, [&](__m512 (&c)[NT][4], int64_t d0) {
       for (int64_t k = 0; k < r; ++k) {
         const float* sk = S + k * D + d0;
         const __m512 s0 = _mm512_loadu_ps(sk), s1 = _mm512_loadu_ps(sk + 16), s2 = _mm512_loadu_ps(sk + 32),
@@ -213,22 +241,11 @@ void gemm_rows(const float* const* a, const float* S, int64_t r, int64_t D, floa
           c[i][3] = _mm512_fmadd_ps(av, s3, c[i][3]);
         }
       }
-      for (int i = 0; i < NT; ++i)
-        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + i * D + d0 + 16 * j, c[i][j]);
-    }
+    });
     return;
   }
 #endif
-  std::fill(acc, acc + NT * D, 0.f);
-  for (int64_t k = 0; k < r; ++k) {
-    const float* sk = S + k * D;
-    for (int i = 0; i < NT; ++i) {
-      const float av = a[i][k];
-      float* ai = acc + i * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) ai[d] += av * sk[d];
-    }
-  }
+  gemm_rows_plain<NT>(a, S, r, D, 1, [D](int64_t k) { return k * D; }, acc);
 }
 
 // bf16 factors: acc[i * D + d] = sum_k a[i][k] * S[k][d], with a[i] r bf16 values (r even) and S stored
@@ -237,10 +254,7 @@ template <int NT>
 void gemm_rows(const uint16_t* const* a, const uint16_t* S2, int64_t r, int64_t D, float* acc) {
 #if defined(__AVX512BF16__)
   if (D % 64 == 0) {
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      __m512 c[NT][4];
-      for (int i = 0; i < NT; ++i)
-        for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+    tile_columns64<NT>(D, acc, [&](__m512 (&c)[NT][4], int64_t d0) {
       for (int64_t k2 = 0; k2 < r / 2; ++k2) {
         const uint16_t* sk = S2 + (k2 * D + d0) * 2;
         __m512bh s[4];
@@ -252,21 +266,11 @@ void gemm_rows(const uint16_t* const* a, const uint16_t* S2, int64_t r, int64_t 
           for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], av, s[j]);
         }
       }
-      for (int i = 0; i < NT; ++i)
-        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + i * D + d0 + 16 * j, c[i][j]);
-    }
+    });
     return;
   }
 #endif
-  std::fill(acc, acc + NT * D, 0.f);
-  for (int64_t k = 0; k < r; ++k) {
-    const uint16_t* sk = S2 + (k / 2) * D * 2 + (k % 2);
-    for (int i = 0; i < NT; ++i) {
-      const float av = to_f32(a[i][k]);
-      float* ai = acc + i * D;
-      for (int64_t d = 0; d < D; ++d) ai[d] += av * to_f32(sk[2 * d]);
-    }
-  }
+  gemm_rows_plain<NT>(a, S2, r, D, 2, [D](int64_t k) { return (k / 2) * D * 2 + (k % 2); }, acc);
 }
 
 // Dispatch on the tile height; T picks the fp32 or the bf16 overload of gemm_rows.

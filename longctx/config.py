@@ -100,7 +100,7 @@ class DenseConfig(BackendConfig):
 # ------------------------------------------------------------------------- shadowkv
 SHADOWKV_DEFAULT_RANK = 160  # the paper's rank per layer, capped at Hkv·D by the layer
 SHADOWKV_SVD_METHODS = ("gram", "svd", "lowrank")
-SHADOWKV_LANDMARK_DTYPES = ("float32", "bfloat16", "float16")
+SHADOWKV_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -205,17 +205,17 @@ class ShadowKVConfig(BackendConfig):
             self.rope_theta,
         )
         _require(
-            self.landmark_dtype in (None, *SHADOWKV_LANDMARK_DTYPES),
+            self.landmark_dtype in (None, *SHADOWKV_STORAGE_DTYPES),
             name,
             "landmark_dtype",
-            f"None or one of {SHADOWKV_LANDMARK_DTYPES}",
+            f"None or one of {SHADOWKV_STORAGE_DTYPES}",
             self.landmark_dtype,
         )
         _require(
-            self.factor_dtype in (None, *SHADOWKV_LANDMARK_DTYPES),
+            self.factor_dtype in (None, *SHADOWKV_STORAGE_DTYPES),
             name,
             "factor_dtype",
-            f"None or one of {SHADOWKV_LANDMARK_DTYPES}",
+            f"None or one of {SHADOWKV_STORAGE_DTYPES}",
             self.factor_dtype,
         )
 

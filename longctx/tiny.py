@@ -620,24 +620,6 @@ CONTINUATION = [
     Stage(steps=200, min_len=1024, max_len=4096, batch_size=1, extra_questions=1, mix=CONTINUATION_MIX),
 ]
 
-# First attempt (kept for the record; the shipped weights before the recipe above).
-# Phase 1: the first stage of a 3-stage curriculum (the schedule spans all three; training stops
-# after stage 0, as the first run did: 400 steps left the loss on a plateau, no retrieval yet).
-PHASE1_CURRICULUM = [
-    Stage(steps=400, min_len=96, max_len=320, batch_size=12, pose_prob=0.3, extra_questions=3),
-    Stage(steps=120, min_len=512, max_len=1536, batch_size=4, pose_prob=0.3, extra_questions=2),
-    Stage(steps=50, min_len=2048, max_len=4096, batch_size=2, pose_prob=0.2, extra_questions=0),
-]
-PHASE1_STOP_AFTER = 0
-# Phase 2: fresh optimizer, more short-context steps (cheap samples, many questions each), then
-# the length curriculum up to 4K.
-PHASE2_CURRICULUM = [
-    Stage(steps=700, min_len=64, max_len=200, batch_size=12, pose_prob=0.3, extra_questions=4),
-    Stage(steps=80, min_len=512, max_len=1536, batch_size=4, pose_prob=0.3, extra_questions=2),
-    Stage(steps=40, min_len=2048, max_len=4096, batch_size=2, pose_prob=0.2, extra_questions=0),
-]
-
-
 class PrevTokenProbes(torch.nn.Module):
     """Training-only probes: linear maps from the first decoder layer's output to the tokens 1..k back.
 
@@ -692,7 +674,6 @@ def train(
     mix: Optional[Sequence[tuple[str, float]]] = None,
     stop_after_stage: Optional[int] = None,
     save_every: int = 0,
-    schedule_steps: Optional[int] = None,
     probes: Optional[dict] = None,
 ) -> list[dict]:
     """Train every model in ``models`` (name -> LlamaForCausalLM) on the same seeded batches.
@@ -701,15 +682,14 @@ def train(
     ``mix`` overrides the (task, weight) mixture ``TRAIN_MIX``; ``stop_after_stage`` ends training
     after that stage (the learning-rate schedule still spans the whole curriculum); with
     ``save_every > 0``, ``on_stage_end(stage_index)`` is also called every ``save_every`` steps;
-    ``schedule_steps`` lets the cosine learning-rate schedule span more steps than the curriculum
-    (training then stops part-way down the schedule); ``probes`` (name -> :class:`PrevTokenProbes`)
+    ``probes`` (name -> :class:`PrevTokenProbes`)
     adds each model's probe loss times the stage's ``aux_weight``.
     Returns the logged history (one dict per logged step with the losses).
     """
     essay_words = essay_words if essay_words is not None else load_essay_words()
     stream = SampleStream(tokenizer, seed, essay_words, mix)
     base_mix = list(zip(stream.tasks, stream.weights))
-    total = schedule_steps or sum(s.steps for s in curriculum)
+    total = sum(s.steps for s in curriculum)
     probes = probes or {}
     opts = {
         n: torch.optim.AdamW(list(m.parameters()) + (list(probes[n].parameters()) if n in probes else []), lr=lr,
@@ -729,9 +709,9 @@ def train(
         running = {n: 0.0 for n in models}
         aux_run = {n: 0.0 for n in models}
         by_kind = {"copy": [0.0, 0], "niah": [0.0, 0]}  # first model's loss on copy / NIAH sequences
+        stream.copy_only = stage.copy_only
+        stream.set_mix(stage.mix or base_mix)
         for _ in range(stage.steps):
-            stream.copy_only = stage.copy_only
-            stream.set_mix(stage.mix or base_mix)
             ids, labels, pos = make_batch(stream, stage.batch_size, stage.min_len, stage.max_len, stage.pose_prob,
                                           max_position, tokenizer.pad_token_id, stage.extra_questions)
             for n, m in models.items():
@@ -941,8 +921,10 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         if args.init_from:
             models = {n: AutoModelForCausalLM.from_pretrained(Path(args.init_from) / f"tiny-{n}") for n in names}
             logger.info("initialised %s from %s", names, args.init_from)
-        curriculum = [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in CURRICULUM]
-        curriculum = curriculum[args.from_stage:]
+        def scaled(stages):
+            return [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in stages]
+
+        curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}
         logger.info("vocab %d %s curriculum %s lr %g", len(tok),
                     {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
@@ -959,7 +941,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=30,
                   stop_after_stage=args.stop_after_stage)
         if args.continuation or args.continuation_only:
-            cont = [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in CONTINUATION]
+            cont = scaled(CONTINUATION)
             logger.info("continuation %s lr %g", [dataclasses.asdict(s) for s in cont], args.lr / 2)
             train(models, tok, cont, seed=args.seed + 100, lr=args.lr / 2, autocast=args.autocast, essay_words=essay,
                   on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=20)
