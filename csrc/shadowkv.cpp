@@ -3,8 +3,9 @@
 //   shadowkv_scores   landmark scoring. For every row (= batch b, KV head hkv) the GS query rows of
 //                     the group score the N chunk landmarks (logit = scale * q . L + bias), each row
 //                     is softmax-normalised over the chunks, and a chunk's score is the max over the
-//                     rows. The landmarks ([rows, D, N], N contiguous) are streamed once, in blocks of
-//                     kScoreBlock chunks whose [GS, block] logit tile stays in L1.
+//                     rows. The landmarks are stored in tiles of 64 chunks ([rows, NB, D, 64]: one
+//                     tile is one contiguous run of memory, so the hardware prefetcher streams it)
+//                     and are read once, kScoreBlock chunks per work item.
 //   shadowkv_rebuild  for every selected chunk that missed the device cache (entries j < counts[row]):
 //                     gather its C rows of U, multiply by the KV head's SV (one SV per in-chunk offset
 //                     when the offset rotation is folded into SV), apply RoPE (x cos + rotate_half(x)
@@ -25,6 +26,10 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +38,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bindings.h"
@@ -44,7 +50,7 @@ namespace {
 
 constexpr int64_t kScoreBlock = 512;  // landmarks per work item: a [GS, 512] fp32 logit tile stays in L1
 constexpr int64_t kChunkTile = 8;     // chunks per work item of the rebuild
-constexpr int64_t kPrefetchRows = 24;  // landmark rows prefetched ahead in the scoring tile
+constexpr int64_t kLandmarkTile = 64;  // chunks per landmark tile ([D, 64] contiguous)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -80,20 +86,15 @@ inline __m512 load16(const uint16_t* p) {
 }
 #endif
 
-// lg[g * ldo + n] (n < 64) = sum_d qs[g * D + d] * L[d * N + n]   for g < NR  (qs already scaled)
+// lg[g * ldo + n] (n < 64) = sum_d qs[g * D + d] * L[d * 64 + n]   for g < NR  (qs already scaled; L one tile)
 template <int NR, typename T>
-void score_tile64(const float* qs, const T* L, int64_t N, int64_t D, float* lg, int64_t ldo) {
+void score_tile64(const float* qs, const T* L, int64_t D, float* lg, int64_t ldo) {
 #if defined(__AVX512F__)
   __m512 acc[NR][4];
   for (int g = 0; g < NR; ++g)
     for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
-    const T* ld = L + d * N;
-    // rows d are N elements apart (a different page each): prefetch a few rows ahead, the hardware won't
-    const int64_t dp = d + kPrefetchRows;  // past the last row: the next tile's first rows (a hint, never faults)
-    const T* pf = dp < D ? L + dp * N : L + 64 + (dp - D) * N;
-    for (int64_t j = 0; j < 64 * static_cast<int64_t>(sizeof(T)); j += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(pf) + j, _MM_HINT_T0);
+    const T* ld = L + d * kLandmarkTile;
     const __m512 l0 = load16(ld), l1 = load16(ld + 16), l2 = load16(ld + 32), l3 = load16(ld + 48);
     for (int g = 0; g < NR; ++g) {
       const __m512 qv = _mm512_set1_ps(qs[g * D + d]);
@@ -108,7 +109,7 @@ void score_tile64(const float* qs, const T* L, int64_t N, int64_t D, float* lg, 
 #else
   float acc[NR][64] = {};
   for (int64_t d = 0; d < D; ++d) {
-    const T* ld = L + d * N;
+    const T* ld = L + d * kLandmarkTile;
     for (int g = 0; g < NR; ++g) {
       const float qv = qs[g * D + d];
 #pragma omp simd
@@ -163,32 +164,22 @@ void exp_inplace(float* x, int64_t len) {
   for (; n < len; ++n) x[n] = std::exp(x[n]);
 }
 
-// Logits of GS rows for landmarks [n0, n0 + len): full 64-wide tiles through score_tile64 (rows in groups
-// of up to 4), the ragged tail with plain loops.
+// Logits of GS rows for the tiles [t0, t1) of one row's landmarks (rows of the group 4 at a time); lg has
+// row stride ldo (a multiple of 64: the padding columns of the last tile are computed and never read).
 template <typename T>
-void score_block(const float* qs, int64_t GS, const T* L, int64_t N, int64_t D, int64_t n0, int64_t len, float* lg) {
-  const int64_t full = len / 64 * 64;
-  for (int64_t t = 0; t < full; t += 64) {
+void score_tiles(const float* qs, int64_t GS, const T* L, int64_t D, int64_t t0, int64_t t1, float* lg, int64_t ldo) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* tile = L + t * D * kLandmarkTile;
     for (int64_t g0 = 0; g0 < GS; g0 += 4) {
       const float* qg = qs + g0 * D;
-      float* out = lg + g0 * N + n0 + t;
+      float* out = lg + g0 * ldo + t * kLandmarkTile;
       switch (std::min<int64_t>(4, GS - g0)) {
-        case 1: score_tile64<1, T>(qg, L + n0 + t, N, D, out, N); break;
-        case 2: score_tile64<2, T>(qg, L + n0 + t, N, D, out, N); break;
-        case 3: score_tile64<3, T>(qg, L + n0 + t, N, D, out, N); break;
-        default: score_tile64<4, T>(qg, L + n0 + t, N, D, out, N); break;
+        case 1: score_tile64<1, T>(qg, tile, D, out, ldo); break;
+        case 2: score_tile64<2, T>(qg, tile, D, out, ldo); break;
+        case 3: score_tile64<3, T>(qg, tile, D, out, ldo); break;
+        default: score_tile64<4, T>(qg, tile, D, out, ldo); break;
       }
     }
-  }
-  if (full < len) {
-    for (int64_t g = 0; g < GS; ++g) std::fill(lg + g * N + n0 + full, lg + g * N + n0 + len, 0.f);
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t g = 0; g < GS; ++g) {
-        const float qv = qs[g * D + d];
-        const T* ld = L + d * N + n0;
-        float* o = lg + g * N + n0;
-        for (int64_t n = full; n < len; ++n) o[n] += qv * to_f32(ld[n]);
-      }
   }
 }
 
@@ -286,15 +277,17 @@ void gemm_rows_n(int nt, const T* const* a, const T* S, int64_t r, int64_t D, fl
 
 // ------------------------------------------------------------------------------------ scores
 template <typename T>
-py::array_t<float> scores_impl(const FArray& q, const T* lp, int64_t N, const std::optional<FArray>& bias, double scale,
-                               int num_threads) {
+py::array_t<float> scores_impl(const FArray& q, const T* lp, int64_t N, int64_t NB, const std::optional<FArray>& bias,
+                               double scale, int num_threads) {
   const int64_t rows = q.shape(0), GS = q.shape(1), D = q.shape(2);
   if (bias && (bias->ndim() != 2 || bias->shape(0) != rows || bias->shape(1) != N))
     throw py::value_error("shadowkv_scores: bias requires [rows, N] (got " + shape_of(*bias) + ")");
   py::array_t<float> out({rows, N});
   if (rows == 0 || N == 0) return out;
+  const int64_t Np = NB * kLandmarkTile;           // logit row stride (whole tiles)
+  const int64_t tiles_per_block = kScoreBlock / kLandmarkTile;
   const int64_t nb = (N + kScoreBlock - 1) / kScoreBlock;
-  std::vector<float> logits(static_cast<size_t>(rows * GS * N));
+  std::vector<float> logits(static_cast<size_t>(rows * GS * Np));
   std::vector<float> part_m(static_cast<size_t>(rows * GS * nb)), part_l(part_m.size()), lse(static_cast<size_t>(rows * GS));
   const float* qp = q.data();
   const float* bp = bias ? bias->data() : nullptr;
@@ -312,11 +305,11 @@ py::array_t<float> scores_impl(const FArray& q, const T* lp, int64_t N, const st
       for (int64_t item = 0; item < rows * nb; ++item) {
         const int64_t row = item / nb, blk = item % nb;
         const int64_t n0 = blk * kScoreBlock, len = std::min(kScoreBlock, N - n0);
-        float* lg = logits.data() + row * GS * N + n0;
-        const float* qs = qscaled.data() + row * GS * D;
-        score_block(qs, GS, lp + row * D * N, N, D, n0, len, lg - n0);
+        const int64_t t0 = blk * tiles_per_block, t1 = std::min(NB, t0 + tiles_per_block);
+        float* lrow = logits.data() + row * GS * Np;
+        score_tiles(qscaled.data() + row * GS * D, GS, lp + row * NB * D * kLandmarkTile, D, t0, t1, lrow, Np);
         for (int64_t g = 0; g < GS; ++g) {
-          float* lgg = lg + g * N;
+          float* lgg = lrow + g * Np + n0;
           if (bp) {
             const float* bb = bp + row * N + n0;
 #pragma omp simd
@@ -349,7 +342,7 @@ py::array_t<float> scores_impl(const FArray& q, const T* lp, int64_t N, const st
         for (int64_t g = 0; g < GS; ++g) {
           const float s = lse[row * GS + g];
           if (std::isnan(s)) continue;
-          const float* lgg = logits.data() + (row * GS + g) * N + n0;
+          const float* lgg = logits.data() + (row * GS + g) * Np + n0;
 #pragma omp simd
           for (int64_t n = 0; n < len; ++n) dst[n] = std::max(dst[n], lgg[n] - s);
         }
@@ -360,22 +353,96 @@ py::array_t<float> scores_impl(const FArray& q, const T* lp, int64_t N, const st
   return out;
 }
 
-// Landmarks: fp32, or bf16 given as int16/uint16 bit patterns ([rows, D, N], C order).
-py::array_t<float> shadowkv_scores(const FArray& q, const py::array& lm, const std::optional<FArray>& bias, double scale,
-                                   int num_threads) {
+// Landmarks in tiles of 64 chunks, [rows, NB, D, 64] (chunk n = tile n / 64, column n % 64; NB = ceil(N / 64)),
+// fp32 or bf16 given as int16 bit patterns; N = the number of chunks (the rest of the last tile is padding).
+py::array_t<float> shadowkv_scores(const FArray& q, const py::array& lm, int64_t N, const std::optional<FArray>& bias,
+                                   double scale, int num_threads) {
   if (q.ndim() != 3) throw py::value_error("shadowkv_scores: q requires [rows, GS, D] (got " + shape_of(q) + ")");
-  if (lm.ndim() != 3 || lm.shape(0) != q.shape(0) || lm.shape(1) != q.shape(2))
-    throw py::value_error("shadowkv_scores: landmarks require [rows, D, N] matching q " + shape_of(q) + " (got " +
+  if (lm.ndim() != 4 || lm.shape(0) != q.shape(0) || lm.shape(2) != q.shape(2) || lm.shape(3) != kLandmarkTile)
+    throw py::value_error("shadowkv_scores: landmarks require [rows, NB, D, 64] matching q " + shape_of(q) + " (got " +
                           shape_of(lm) + ")");
-  const int64_t N = lm.shape(2);
+  const int64_t NB = lm.shape(1);
+  if (N < 0 || (N + kLandmarkTile - 1) / kLandmarkTile != NB)
+    throw py::value_error("shadowkv_scores: n_chunks requires ceil(n_chunks / 64) == NB = " + std::to_string(NB) +
+                          " (got " + std::to_string(N) + ")");
   if (lm.dtype().itemsize() == 2 && lm.dtype().kind() == 'i') {  // torch bf16 viewed as int16: no copy
     const auto bits = py::array_t<int16_t, py::array::c_style>::ensure(lm);
     if (!bits) throw py::value_error("shadowkv_scores: bf16 landmarks require a C-contiguous int16 view");
-    return scores_impl<uint16_t>(q, reinterpret_cast<const uint16_t*>(bits.data()), N, bias, scale, num_threads);
+    return scores_impl<uint16_t>(q, reinterpret_cast<const uint16_t*>(bits.data()), N, NB, bias, scale, num_threads);
   }
   const auto f32 = FArray::ensure(lm);
   if (!f32) throw py::value_error("shadowkv_scores: landmarks require fp32 or bf16 bits (int16)");
-  return scores_impl<float>(q, f32.data(), N, bias, scale, num_threads);
+  return scores_impl<float>(q, f32.data(), N, NB, bias, scale, num_threads);
+}
+
+// ------------------------------------------------------------------------------------ select
+// Per row (batch b, KV head): the K best chunks by score (ties to the lower id), then the slot
+// bookkeeping of the device cache. slot_of[row * N + c] is the slot holding chunk c of the row (-1:
+// none; the array has one extra entry at the end, unused here), slot_ids[row, s] the flat chunk id in
+// slot s (-1: empty). Selected chunks already in a slot keep it (hits, when reuse); the misses take
+// the slots no longer needed, in increasing slot order. Returns, per row, the misses first:
+// chunks[row, j] / slots[row, j] for j < counts[row]; the rest of each row is -1.
+py::tuple shadowkv_select(const FArray& scores, int64_t K, py::array_t<int64_t, py::array::c_style> slot_of,
+                          py::array_t<int64_t, py::array::c_style> slot_ids, bool reuse, int num_threads) {
+  if (scores.ndim() != 2) throw py::value_error("shadowkv_select: scores requires [rows, N] (got " + shape_of(scores) + ")");
+  const int64_t rows = scores.shape(0), N = scores.shape(1);
+  if (K <= 0 || K > N)
+    throw py::value_error("shadowkv_select: K requires 0 < K <= N = " + std::to_string(N) + " (got " + std::to_string(K) + ")");
+  if (slot_of.ndim() != 1 || slot_of.shape(0) != rows * N + 1 || !slot_of.writeable())
+    throw py::value_error("shadowkv_select: slot_of requires a writable [rows * N + 1] int64 array (got " +
+                          shape_of(slot_of) + ")");
+  if (slot_ids.ndim() != 2 || slot_ids.shape(0) != rows || slot_ids.shape(1) != K || !slot_ids.writeable())
+    throw py::value_error("shadowkv_select: slot_ids requires a writable [rows, K] int64 array (got " +
+                          shape_of(slot_ids) + ")");
+  py::array_t<int64_t> chunks({rows, K}), slots({rows, K}), counts({rows});
+  const float* sp = scores.data();
+  int64_t* of = slot_of.mutable_data();
+  int64_t* ids = slot_ids.mutable_data();
+  int64_t *cp = chunks.mutable_data(), *lp = slots.mutable_data(), *np = counts.mutable_data();
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel num_threads(resolve_threads(num_threads))
+    {
+      std::vector<int32_t> order(static_cast<size_t>(N));
+      std::vector<char> held(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < rows; ++row) {
+        const float* sc = sp + row * N;
+        for (int64_t n = 0; n < N; ++n) order[n] = static_cast<int32_t>(n);
+        // NaN scores (none expected) order as -inf, so the selection never depends on them
+        const auto key = [sc](int32_t a) { return std::isnan(sc[a]) ? kNegInf : sc[a]; };
+        std::nth_element(order.begin(), order.begin() + (K - 1), order.end(), [&](int32_t a, int32_t b) {
+          const float ka = key(a), kb = key(b);
+          return ka > kb || (ka == kb && a < b);
+        });
+        int64_t* of_row = of + row * N;
+        int64_t* ids_row = ids + row * K;
+        std::fill(held.begin(), held.end(), 0);
+        int64_t n_miss = 0;
+        int64_t* miss = cp + row * K;  // misses' chunk ids collect here first
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t c = order[j], s = reuse ? of_row[c] : -1;
+          if (s >= 0 && s < K) held[s] = 1;
+          else miss[n_miss++] = c;
+        }
+        int64_t* tgt = lp + row * K;
+        for (int64_t s = 0, j = 0; s < K && j < n_miss; ++s)
+          if (!held[s]) tgt[j++] = s;
+        for (int64_t j = 0; j < n_miss; ++j) {  // evict first (an evicted chunk may be re-selected) ...
+          const int64_t old = ids_row[tgt[j]];
+          if (old >= 0) of[old] = -1;
+        }
+        for (int64_t j = 0; j < n_miss; ++j) {  // ... then place
+          of_row[miss[j]] = tgt[j];
+          ids_row[tgt[j]] = row * N + miss[j];
+        }
+        std::fill(miss + n_miss, miss + K, -1);
+        std::fill(tgt + n_miss, tgt + K, -1);
+        np[row] = n_miss;
+      }
+    }
+  }
+  return py::make_tuple(chunks, slots, counts);
 }
 
 // ------------------------------------------------------------------------------------ rebuild
@@ -481,31 +548,126 @@ RebuildPlan plan_rebuild(int64_t u_rows, int64_t r, int64_t sv_count, int64_t sv
   return p;
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define LONGCTX_AMX 1
+// ---------------------------------------------------------------------------------------------
+// AMX (Intel Advanced Matrix Extensions) for the bf16 rebuild: a [16 tokens, r] x [r, 64] product
+// is r / 32 TDPBF16PS per 16-column tile. Linux hands out the tile state only on request
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); when that is refused the AVX512-BF16 path runs.
+constexpr int64_t kAmxRows = 16;  // tokens per AMX tile (the hardware maximum)
+
+bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// tiles 0-3: C [16, 16] fp32; tile 4: A [16 tokens, 32] bf16; tiles 5-6: B [16 k-pairs, 16 columns x 2] bf16
+void amx_configure() {
+  AmxTileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = kAmxRows;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// acc[i * D + d] = sum_k A[i * r + k] * S[k][d] for 16 rows i: A is a packed [16, r] bf16 tile buffer,
+// S2 the pair-interleaved SV ([r / 2, D, 2] bf16); r % 32 == 0, D % 64 == 0.
+void gemm_tile_amx(const uint16_t* A, const uint16_t* S2, int64_t r, int64_t D, float* acc) {
+  const int64_t a_stride = r * 2, b_stride = D * 4, c_stride = D * 4;  // bytes
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k0 = 0; k0 < r; k0 += 32) {
+      const uint16_t* b = S2 + ((k0 / 2) * D + d0) * 2;
+      _tile_loadd(4, A + k0, a_stride);
+      _tile_loadd(5, b, b_stride);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, b + 32, b_stride);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, b + 64, b_stride);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(6, b + 96, b_stride);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+    _tile_stored(0, acc + d0, c_stride);
+    _tile_stored(1, acc + d0 + 16, c_stride);
+    _tile_stored(2, acc + d0 + 32, c_stride);
+    _tile_stored(3, acc + d0 + 48, c_stride);
+  }
+}
+#endif
+
+// Whether the bf16 rebuild of rank r and head dim D runs on AMX tiles.
+bool use_amx(int64_t r, int64_t D) {
+#if defined(LONGCTX_AMX)
+  return r % 32 == 0 && D % 64 == 0 && amx_ready();
+#else
+  (void)r;
+  (void)D;
+  return false;
+#endif
+}
+
 // The loop of both rebuilds; T = float (fp32 factors) or uint16_t (bf16 U, pair-interleaved bf16 SV).
+// The bf16 products run on AMX tiles of 16 tokens where the CPU and the shapes allow.
 template <typename T>
 void run_rebuild(const RebuildPlan& p, const T* up, const T* svp, int threads) {
   const int64_t C = p.C, D = p.D, r = p.r, R = p.R, h = R / 2, M = p.M;
-  const int64_t tiles = (M + kChunkTile - 1) / kChunkTile;
+  const bool amx = std::is_same<T, uint16_t>::value && use_amx(r, D);
+  const int64_t tile = amx ? 16 : kChunkTile;  // chunks per work item
+  const int64_t tiles = (M + tile - 1) / tile;
   py::gil_scoped_release release;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> acc(static_cast<size_t>(kChunkTile * D));
+    std::vector<float> acc(static_cast<size_t>(tile * D));
+    std::vector<T> abuf;  // AMX: the tile's U rows, packed [16, r]
+#if defined(LONGCTX_AMX)
+    if (amx) {
+      amx_configure();
+      abuf.assign(static_cast<size_t>(kAmxRows * r), T(0));
+    }
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.rows * tiles; ++item) {
-      const int64_t row = item / tiles, j0 = (item % tiles) * kChunkTile;
-      const int64_t nt = std::min(kChunkTile, p.np[row] - j0);
+      const int64_t row = item / tiles, j0 = (item % tiles) * tile;
+      const int64_t nt = std::min(tile, p.np[row] - j0);
       if (nt <= 0) continue;
       const int64_t b = row / p.num_kv_heads;
       const int64_t* ch = p.cp + row * M + j0;
       const int64_t* sl = p.sp + row * M + j0;
       for (int64_t c = 0; c < C; ++c) {
-        // -- keys of token c of nt chunks: U rows @ SV, 4 tokens per register tile
+        // -- keys of token c of nt chunks: U rows @ SV
         const T* svc = svp + (row * p.Cs + (p.Cs > 1 ? c : 0)) * r * D;
-        for (int64_t i0 = 0; i0 < nt; i0 += 4) {
-          const T* a[4];
-          const int n4 = static_cast<int>(std::min<int64_t>(4, nt - i0));
-          for (int i = 0; i < n4; ++i) a[i] = up + (b * p.Tc + ch[i0 + i] * C + c) * r;
-          gemm_rows_n(n4, a, svc, r, D, acc.data() + i0 * D);
+#if defined(LONGCTX_AMX)
+        if (amx) {  // rows past nt keep an earlier tile's U rows: their products are never read
+          for (int64_t i = 0; i < nt; ++i)
+            std::memcpy(abuf.data() + i * r, up + (b * p.Tc + ch[i] * C + c) * r, static_cast<size_t>(r) * sizeof(T));
+          gemm_tile_amx(reinterpret_cast<const uint16_t*>(abuf.data()), reinterpret_cast<const uint16_t*>(svc), r, D,
+                        acc.data());
+        } else
+#endif
+        {
+          for (int64_t i0 = 0; i0 < nt; i0 += 4) {  // 4 tokens per register tile
+            const T* a[4];
+            const int n4 = static_cast<int>(std::min<int64_t>(4, nt - i0));
+            for (int i = 0; i < n4; ++i) a[i] = up + (b * p.Tc + ch[i0 + i] * C + c) * r;
+            gemm_rows_n(n4, a, svc, r, D, acc.data() + i0 * D);
+          }
         }
         // -- RoPE on the first R dims, then write into the slot
         for (int64_t i = 0; i < nt; ++i) {
@@ -525,6 +687,9 @@ void run_rebuild(const RebuildPlan& p, const T* up, const T* svp, int threads) {
         }
       }
     }
+#if defined(LONGCTX_AMX)
+    if (amx) _tile_release();
+#endif
   }
 }
 
@@ -557,10 +722,18 @@ void shadowkv_rebuild_bf16(const HArray& u, const HArray& sv2, const IArray& chu
 }  // namespace
 
 void register_shadowkv(py::module_& m) {
-  m.def("shadowkv_scores", &shadowkv_scores, py::arg("q"), py::arg("landmarks"), py::arg("bias"), py::arg("scale"),
-        py::arg("num_threads") = 0,
+  m.def("shadowkv_select", &shadowkv_select, py::arg("scores"), py::arg("k"), py::arg("slot_of"), py::arg("slot_ids"),
+        py::arg("reuse"), py::arg("num_threads") = 0,
+        "Top-k chunks per row and the slot bookkeeping, in place on slot_of [rows*N + 1] / slot_ids [rows, k].\n"
+        "Returns (chunks, slots, counts): per row the chunks that missed the device cache and their new slots\n"
+        "first (j < counts[row]), -1 after.");
+  m.def("shadowkv_amx", [](int64_t rank, int64_t head_dim) { return use_amx(rank, head_dim); }, py::arg("rank"),
+        py::arg("head_dim"), "Whether shadowkv_rebuild_bf16 runs on AMX tiles for this rank and head dim.");
+  m.def("shadowkv_scores", &shadowkv_scores, py::arg("q"), py::arg("landmarks"), py::arg("n_chunks"), py::arg("bias"),
+        py::arg("scale"), py::arg("num_threads") = 0,
         "ShadowKV chunk scores [rows, N]: max over the GS query rows of softmax_N(scale * q . L + bias).\n"
-        "q [rows, GS, D] fp32, landmarks [rows, D, N] fp32 or bf16 bits as int16, bias [rows, N] fp32 or None.");
+        "q [rows, GS, D] fp32, landmarks in tiles of 64 chunks [rows, ceil(N / 64), D, 64] fp32 or bf16 bits as\n"
+        "int16, n_chunks = N, bias [rows, N] fp32 or None.");
   m.def("shadowkv_rebuild", &shadowkv_rebuild, py::arg("u"), py::arg("sv"), py::arg("chunks"), py::arg("slots"),
         py::arg("counts"), py::arg("cos"), py::arg("sin"), py::arg("out_k"), py::arg("v_src"), py::arg("out_v"),
         py::arg("num_kv_heads"), py::arg("num_threads") = 0,

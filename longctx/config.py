@@ -148,9 +148,11 @@ class ShadowKVConfig(BackendConfig):
         Storage dtype of the key factors U and SV. Default ``None``: the keys' dtype (a
         full-rank fp32 cache then reproduces the keys to fp32 rounding). ``"bfloat16"`` halves
         U's bytes (with bf16 landmarks: device tier 9.7% instead of 16.7% of dense KV at 128K);
-        the C++ rebuild then multiplies bf16 pairs with AVX512-BF16 (fp32 accumulation) and the
-        rebuilt keys carry bf16 rounding (~0.4% relative, far below the rank truncation error).
-        On the 2-core AVX-512 CPU of BENCHMARKS.md neither bf16 option made a decode step faster.
+        the C++ rebuild then runs on AMX tiles (``rank % 32 == 0``, ``head_dim % 64 == 0``, a CPU
+        with AMX) or AVX512-BF16 pair dot products, accumulating in fp32, and the rebuilt keys
+        carry bf16 rounding (~0.4% relative, far below the rank truncation error). On the 2-core
+        AMX CPU of BENCHMARKS.md, bf16 landmarks + factors are the fastest CPU configuration
+        (a decode step at 128K 15-25% faster than fp32 storage).
     """
 
     sparse_budget: int = 2048

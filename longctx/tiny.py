@@ -12,7 +12,10 @@ needed to rebuild them from scratch, seeded and reproducible:
   rewrite, multi-key / multi-value / multi-query variants), variable-tracking chains, and plain
   copy (induction) text;
 - a training loop with a length curriculum (short contexts to learn the mechanism, then long
-  ones), PoSE-style position skips and a large RoPE base so that positions vary slowly;
+  ones), PoSE-style position skips, a large RoPE base so that positions vary slowly,
+  training-only previous-token probes that get the induction circuit to form, and a final
+  "polish" on NIAH answers with the last digit of each value weighted (the circuit otherwise
+  copies six digits of seven);
 - a quick greedy RULER-format evaluator (string_match_all) and the draft/target agreement.
 
 Run ``python -m longctx.tiny --help`` (mounted as ``longctx train-tiny``).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -310,11 +314,10 @@ def niah_sample(
     answer = " " + _join_values(outputs) + "."
 
     # extra turns: singular questions about other needles present in the text
-    pool = [(keys[i], values[i]) for i in range(k) if v == 1] + distractors
-    for _ in range(extra_questions):
-        if not pool:
-            break
-        qk, qv = rng.choice(pool)
+    # other needles only (never the question just asked: its answer could be copied from the turn above)
+    pool = [(keys[i], values[i]) for i in range(k) if v == 1 and i not in order] + distractors
+    asked = rng.sample(pool, min(extra_questions, len(pool))) if extra_questions > 0 else []
+    for qk, qv in asked:
         qv = qv if isinstance(qv, str) else qv[0]
         single = (
             "\nWhat is the special magic {t} for {k} mentioned in the provided text?"
@@ -581,7 +584,8 @@ class Stage:
     ``pose_prob``: share of sequences whose position ids skip ahead once (PoSE);
     ``extra_questions``: further question/answer turns per NIAH sample; ``copy_only``: copy text
     only (the induction warm-up); ``aux_weight``: weight of the :class:`PrevTokenProbes` loss;
-    ``mix``: this stage's (task, weight) pairs instead of the run's mixture.
+    ``mix``: this stage's (task, weight) pairs instead of the run's mixture; ``final_weight``: loss
+    weight of the last token of every copied span (see :func:`final_token_weights`).
     """
 
     steps: int
@@ -593,6 +597,7 @@ class Stage:
     copy_only: bool = False
     aux_weight: float = 0.0
     mix: Optional[tuple] = None
+    final_weight: float = 1.0
 
 
 # The recipe (third attempt, issue 7, on an idle 2-core CPU, ~30 min): (0) copy text only, with
@@ -602,10 +607,11 @@ class Stage:
 # 16K tokens. One cosine learning-rate schedule spans all stages.
 CURRICULUM = [
     Stage(steps=500, min_len=96, max_len=224, batch_size=24, copy_only=True, aux_weight=1.0),
-    Stage(steps=1200, min_len=128, max_len=320, batch_size=12, pose_prob=0.2, extra_questions=4, aux_weight=0.3),
-    Stage(steps=400, min_len=512, max_len=1024, batch_size=4, pose_prob=0.2, extra_questions=3),
-    Stage(steps=250, min_len=1024, max_len=4096, batch_size=1, extra_questions=2),
-    Stage(steps=40, min_len=4096, max_len=16384, batch_size=1, extra_questions=1),
+    Stage(steps=1200, min_len=128, max_len=320, batch_size=12, pose_prob=0.2, extra_questions=4, aux_weight=0.3,
+          final_weight=5.0),
+    Stage(steps=400, min_len=512, max_len=1024, batch_size=4, pose_prob=0.2, extra_questions=3, final_weight=5.0),
+    Stage(steps=250, min_len=1024, max_len=4096, batch_size=1, extra_questions=2, final_weight=5.0),
+    Stage(steps=40, min_len=4096, max_len=16384, batch_size=1, extra_questions=1, final_weight=5.0),
 ]
 
 # Continuation (a second optimizer and schedule, started from the end of CURRICULUM): after it
@@ -619,6 +625,21 @@ CONTINUATION = [
     Stage(steps=900, min_len=256, max_len=768, batch_size=6, pose_prob=0.2, extra_questions=3, mix=CONTINUATION_MIX),
     Stage(steps=200, min_len=1024, max_len=4096, batch_size=1, extra_questions=1, mix=CONTINUATION_MIX),
 ]
+
+# Polish (a second optimizer and schedule, started from the end of CURRICULUM): NIAH answers only,
+# with the last digit of every value weighted 10x. The main curriculum leaves an induction
+# circuit that copies a value's first six digits and guesses the seventh (see
+# final_token_weights); these steps teach the model to finish the value.
+POLISH_MIX = (
+    ("niah_single_1", 1.5), ("niah_single_2", 0.5), ("niah_multikey_1", 0.5), ("niah_multikey_2", 1.5),
+    ("niah_multikey_3", 1.0), ("niah_multivalue", 1.0), ("niah_multiquery", 1.0),
+)
+POLISH = [
+    Stage(steps=400, min_len=128, max_len=384, batch_size=12, pose_prob=0.2, extra_questions=2, mix=POLISH_MIX,
+          final_weight=10.0),
+    Stage(steps=100, min_len=1024, max_len=4096, batch_size=1, extra_questions=2, mix=POLISH_MIX, final_weight=10.0),
+]
+
 
 class PrevTokenProbes(torch.nn.Module):
     """Training-only probes: linear maps from the first decoder layer's output to the tokens 1..k back.
@@ -644,9 +665,25 @@ class PrevTokenProbes(torch.nn.Module):
         return total / len(self.heads)
 
 
-def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenProbes] = None, pad_id: int = 0):
-    """Mean over sequences of each sequence's mean token loss, the probes' loss (0 without probes),
-    and the per-sequence losses [B]."""
+def final_token_weights(target: torch.Tensor, digit_ids: torch.Tensor, weight: float) -> torch.Tensor:
+    """``[B, S]`` loss weights: ``weight`` on the last token of each copied span, 1 elsewhere.
+
+    A span ends where the next label is ignored (copy text: the end of a repeat) or where a digit
+    is followed by a non-digit (the last digit of a needle's value). The induction circuit these
+    models form reads a copied token from the position after it in the source (which sees it as
+    its previous token), so a span's last token, whose source successor is arbitrary, was the one
+    it failed to copy: the shipped first-attempt models guessed the 7th digit of every value.
+    """
+    nxt = F.pad(target[:, 1:], (0, 1), value=-100)
+    digit, nxt_digit = torch.isin(target, digit_ids), torch.isin(nxt, digit_ids)
+    final = (target != -100) & ((nxt == -100) | (digit & ~nxt_digit))
+    return 1.0 + (weight - 1.0) * final.float()
+
+
+def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenProbes] = None, pad_id: int = 0,
+          weights_fn=None):
+    """Weighted mean over sequences of each sequence's mean token loss, the probes' loss (0 without
+    probes), and the per-sequence losses [B]; ``weights_fn(target)`` gives per-token weights."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and ids.device.type == "cpu"):
         out = model(input_ids=ids, position_ids=pos, output_hidden_states=probes is not None)
         aux = probes.loss(model, out.hidden_states[1], ids, pad_id) if probes is not None else out.logits.new_zeros(())
@@ -654,6 +691,8 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
     target = labels[:, 1:]
     tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [B, S-1]
     mask = (target != -100).to(tok_loss.dtype)
+    if weights_fn is not None:
+        mask = mask * weights_fn(target)
     n = mask.sum(1)
     per_seq = (tok_loss * mask).sum(1) / n.clamp(min=1)
     return per_seq[n > 0].mean(), aux.float(), per_seq.detach()
@@ -689,6 +728,7 @@ def train(
     essay_words = essay_words if essay_words is not None else load_essay_words()
     stream = SampleStream(tokenizer, seed, essay_words, mix)
     base_mix = list(zip(stream.tasks, stream.weights))
+    digit_ids = torch.tensor(stream.digit_ids)
     total = sum(s.steps for s in curriculum)
     probes = probes or {}
     opts = {
@@ -711,6 +751,9 @@ def train(
         by_kind = {"copy": [0.0, 0], "niah": [0.0, 0]}  # first model's loss on copy / NIAH sequences
         stream.copy_only = stage.copy_only
         stream.set_mix(stage.mix or base_mix)
+        weights_fn = None
+        if stage.final_weight != 1.0:
+            weights_fn = functools.partial(final_token_weights, digit_ids=digit_ids, weight=stage.final_weight)
         for _ in range(stage.steps):
             ids, labels, pos = make_batch(stream, stage.batch_size, stage.min_len, stage.max_len, stage.pose_prob,
                                           max_position, tokenizer.pad_token_id, stage.extra_questions)
@@ -718,7 +761,7 @@ def train(
                 for g in opts[n].param_groups:
                     g["lr"] = lr_at(step)
                 pr = probes.get(n) if stage.aux_weight > 0 else None
-                loss, aux, per_seq = _loss(m, ids, labels, pos, autocast, pr, tokenizer.pad_token_id)
+                loss, aux, per_seq = _loss(m, ids, labels, pos, autocast, pr, tokenizer.pad_token_id, weights_fn)
                 if n == next(iter(models)):
                     for task, v in zip(stream.last_tasks, per_seq.tolist()):
                         kind = by_kind["copy" if task == "copy" else "niah"]
@@ -879,11 +922,16 @@ def _parse(argv):
                    help="continue from the checkpoint folders (tiny-target/, tiny-draft/) in this folder")
     p.add_argument("--continuation", action="store_true",
                    help="after the main curriculum, run the continuation curriculum (tried; scored lower)")
+    p.add_argument("--polish", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the main curriculum, run the polish curriculum (default; the shipped weights)")
+    p.add_argument("--polish-only", action="store_true",
+                   help="run only the polish curriculum (with --init-from the end of the main one)")
     p.add_argument("--continuation-only", action="store_true",
                    help="run only the continuation curriculum (with --init-from the end of the main one)")
     p.add_argument("--stop-after-stage", type=int, default=3,
                    help="end the main curriculum after this stage; its learning-rate schedule still spans all "
-                        "stages (default 3: the shipped checkpoint; 4 adds the 4-16K stage, which scored lower)")
+                        "stages (default 3, then the polish: the shipped checkpoint; 4 adds the 4-16K stage, "
+                        "which scored lower)")
     p.add_argument("--from-stage", type=int, default=0, help="start at this curriculum stage (with --init-from)")
     p.add_argument("--eval-lengths", default="4096", help="comma-separated lengths for the final quick eval ('' = none)")
     p.add_argument("--eval-samples", type=int, default=20)
@@ -936,7 +984,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                 save_model(m, tok, out / f"tiny-{n}")
             logger.info("stage %d done after %.1f min; saved to %s", si, (time.time() - t0) / 60, out)
 
-        if not args.continuation_only:
+        if not (args.continuation_only or args.polish_only):
             train(models, tok, curriculum, seed=args.seed + args.from_stage, lr=args.lr, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=30,
                   stop_after_stage=args.stop_after_stage)
@@ -945,6 +993,11 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info("continuation %s lr %g", [dataclasses.asdict(s) for s in cont], args.lr / 2)
             train(models, tok, cont, seed=args.seed + 100, lr=args.lr / 2, autocast=args.autocast, essay_words=essay,
                   on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=20)
+        if (args.polish and not args.continuation_only) or args.polish_only:
+            pol = scaled(POLISH)
+            logger.info("polish %s lr %g", [dataclasses.asdict(s) for s in pol], args.lr / 2)
+            train(models, tok, pol, seed=args.seed + 200, lr=args.lr / 2, autocast=args.autocast, essay_words=essay,
+                  on_stage_end=checkpoint, save_every=args.save_every, warmup=20)
         logger.info("training took %.1f min", (time.time() - t0) / 60)
         target, draft = models.get("target"), models.get("draft")
         if target is None:

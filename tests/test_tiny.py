@@ -69,8 +69,6 @@ def test_chat_template_applies(target):
     assert ids[0] == tok.bos_token_id
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 open: the shipped checkpoint retrieves only weakly (10% at 1K on "
-                   "niah_single_1, see longctx/models_data/tiny-target/README.md); remove this mark when it retrieves")
 def test_target_retrieves_needle_at_1k(target):
     model, tok = target
     samples = tiny.sized_niah_samples(tok, "niah_single_1", 1024, 3, seed=7)
@@ -121,3 +119,27 @@ def test_prev_token_probes_train_and_stay_out_of_the_model(tmp_path):
     names = load_file(tmp_path / "model.safetensors").keys()
     assert not any("head" in n and "lm_head" not in n for n in names)
     assert set(names) == set(model.state_dict().keys()) - {"lm_head.weight"} or set(names) == set(model.state_dict())
+
+
+def test_final_token_weights_mark_span_ends():
+    """The last token of a copied span (next label ignored) and the last digit of a value (next label
+    not a digit) get the weight; everything else 1; ignored labels keep their weight but carry no loss."""
+    digits = torch.tensor([10, 11, 12])
+    target = torch.tensor([[-100, 5, 6, 7, -100, 10, 11, 12, 3, 2, -100],
+                           [-100, -100, 10, 10, 4, -100, -100, 8, 9, 1, 1]])
+    w = tiny.final_token_weights(target, digits, 5.0)
+    want = torch.ones_like(w)
+    want[0, 3] = want[0, 7] = want[0, 9] = 5.0  # span end, last digit, end before -100
+    want[1, 3] = want[1, 4] = want[1, 10] = 5.0  # last digit, span end, last token of the row
+    assert torch.equal(w, want)
+    assert torch.equal(tiny.final_token_weights(target, digits, 1.0), torch.ones_like(w))
+
+
+def test_extra_questions_ask_other_needles():
+    rng = random.Random(3)
+    s = tiny.niah_sample(rng, "niah_single_1", 5, tiny.load_essay_words(), extra_questions=3)
+    assert "\nWhat is the special magic" not in s.answer  # one needle: nothing else to ask
+    m = tiny.niah_sample(rng, "niah_multikey_2", 8, tiny.load_essay_words(), extra_questions=3)
+    asked = [line.split(" for ")[1].split(" mentioned")[0] for line in m.answer.split("\n")[1:]]
+    query = m.prompt.split("What is the special magic number for ")[1].split(" mentioned")[0]
+    assert len(asked) == 3 and len(set(asked)) == 3 and query not in asked

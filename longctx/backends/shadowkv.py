@@ -33,9 +33,11 @@ Differences from the official code (``../shared/reference/shadowkv_triforce.md``
 Three implementations of the hot steps (landmark scoring, key rebuild + RoPE, value gather),
 picked like the ops (``LONGCTX_OPS=ref|cpp|triton`` forces one):
 
-- CPU: ``longctx._C.shadowkv_scores`` / ``shadowkv_rebuild`` (csrc/shadowkv.cpp, OpenMP,
-  register-blocked AVX-512): landmarks streamed once, missed chunks rebuilt, rotated and
-  written into their slots in one pass;
+- CPU: ``longctx._C.shadowkv_scores`` / ``shadowkv_select`` / ``shadowkv_rebuild[_bf16]``
+  (csrc/shadowkv.cpp, OpenMP, register-blocked AVX-512): landmarks stored in tiles of 64
+  chunks and streamed once, top-k and the slot tables in one pass, missed chunks rebuilt,
+  rotated and written into their slots in one pass (bf16 factors on AMX tiles where the CPU
+  has them, AVX512-BF16 dot products otherwise);
 - CUDA: Triton kernels (:mod:`longctx.triton_kernels.shadowkv_select`,
   ``shadowkv_reconstruct``, ``shadowkv_gather``);
 - torch (the reference, any device/dtype): batched matmuls and ``index_select``, no Python
@@ -128,6 +130,28 @@ def landmark_scores(
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     scores = (logits - lse.masked_fill(torch.isinf(lse), 0.0)).amax(dim=1).exp_()  # a row with no chunk -> 0
     return scores.view(B, Hkv, N)
+
+
+LANDMARK_TILE = 64  # chunks per landmark tile in the CPU kernel's layout
+
+
+def tile_landmarks(landmarks: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, N, D]`` landmarks to the C++ scoring layout ``[B, Hkv, ceil(N / 64), D, 64]``.
+
+    Each tile of 64 chunks is one contiguous ``[D, 64]`` block, so scoring streams memory in
+    order; the last tile is zero-padded (its padding is never scored).
+    """
+    B, Hkv, N, D = landmarks.shape
+    nb = -(-N // LANDMARK_TILE)
+    padded = landmarks.new_zeros(B, Hkv, nb * LANDMARK_TILE, D)
+    padded[:, :, :N] = landmarks
+    return padded.view(B, Hkv, nb, LANDMARK_TILE, D).transpose(-1, -2).contiguous()
+
+
+def untile_landmarks(tiled: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """Inverse of :func:`tile_landmarks`: ``[B, Hkv, NB, D, 64]`` to ``[B, Hkv, n_chunks, D]`` (a copy)."""
+    B, Hkv, nb, D, tile = tiled.shape
+    return tiled.transpose(-1, -2).reshape(B, Hkv, nb * tile, D)[:, :, :n_chunks]
 
 
 def chunk_outliers(chunks: torch.Tensor, landmarks: torch.Tensor, n_outliers: int) -> torch.Tensor:
@@ -337,7 +361,8 @@ class ShadowKVLayer(BackendLayer):
         self.sv_offsets: Optional[torch.Tensor] = None  # [B*Hkv*C, r, D]: SV rotated by each in-chunk offset
         self._fold_checked = False
         self._sv2: Optional[tuple[tuple, torch.Tensor]] = None  # (source SV's (ptr, shape), its bf16 pair layout)
-        self.landmarks: Optional[torch.Tensor] = None  # [B, Hkv, N, D]
+        self._landmarks: Optional[torch.Tensor] = None  # [B, Hkv, N, D] (a view of [B, Hkv, D, N])
+        self._landmarks_tiled: Optional[torch.Tensor] = None  # [B, Hkv, NB, D, 64]: the C++ scoring layout
         self.landmark_bias: Optional[torch.Tensor] = None  # [B, Hkv, N] 0 / -inf (outliers)
         self.v_host: Optional[torch.Tensor] = None  # [B, Hkv, N, C, D]
         self.pos_ctx: Optional[torch.Tensor] = None  # [B, Tc] original positions of the context tokens
@@ -352,6 +377,13 @@ class ShadowKVLayer(BackendLayer):
         self._steps = 0
         self._counters = torch.zeros(3, dtype=torch.long)  # hits, lookups, rebuilt tokens (on the device)
         self._last_hits: Any = 0
+
+    @property
+    def landmarks(self) -> Optional[torch.Tensor]:
+        """``[B, Hkv, N, D]`` chunk landmarks (a copy when they are stored in the C++ tile layout)."""
+        if self._landmarks_tiled is not None:
+            return untile_landmarks(self._landmarks_tiled, self.n_chunks)
+        return self._landmarks
 
     @property
     def seq_length(self) -> int:
@@ -422,9 +454,11 @@ class ShadowKVLayer(BackendLayer):
             bias = torch.zeros(B, Hkv, n_chunks, dtype=torch.float32, device=k.device)
             self.landmark_bias = bias.scatter_(2, ids, float("-inf"))
             self.outlier_ids = ids
-        # stored as [B, Hkv, D, N] (viewed as [B, Hkv, N, D]): scoring is then a plain q @ L GEMM, ~25% faster on CPU
         lm_dtype = getattr(torch, cfg.landmark_dtype) if cfg.landmark_dtype else k.dtype
-        self.landmarks = landmarks.to(lm_dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
+        if self._score_impl(k.device, lm_dtype) == "cpp":  # tiles of 64 chunks, each contiguous
+            self._landmarks_tiled = tile_landmarks(landmarks.to(lm_dtype))
+        else:  # [B, Hkv, D, N] viewed as [B, Hkv, N, D]: scoring is a plain q @ L GEMM (~25% faster than [N, D])
+            self._landmarks = landmarks.to(lm_dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
 
         # values to the host tier (pinned when the device is CUDA: async copies, zero-copy kernel reads)
         host = self.ctx.host_device
@@ -509,30 +543,33 @@ class ShadowKVLayer(BackendLayer):
             return "cpp"
         return "torch"
 
-    def _score_impl(self, device: torch.device) -> str:
-        """How landmarks are scored: as :meth:`_impl`, but independent of the factors' dtype."""
+    def _score_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """How landmarks of ``dtype`` are scored: as :meth:`_impl`, but independent of the factors' dtype.
+        The choice made at :meth:`compress` also fixes the landmarks' layout."""
         from longctx.ops import pick_impl
 
         choice = pick_impl(device)
         if choice == "triton":
             return "triton"
-        if choice == "cpp" and device.type == "cpu" and self.landmarks.dtype in (torch.float32, torch.bfloat16):
+        if choice == "cpp" and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             return "cpp"
         return "torch"
 
     def _select(self, q: torch.Tensor) -> None:
         """Pick the top chunks per KV head and make the selected region hold them."""
-        B, Hkv, N = self.landmarks.shape[:3]
+        B, Hkv, N = q.shape[0], self.ctx.num_kv_heads, self.n_chunks
         K = self.n_select
-        impl, score_impl = self._impl(q.device), self._score_impl(q.device)
-        if score_impl == "triton":
+        impl = self._impl(q.device)
+        if self._landmarks_tiled is not None:  # the C++ layout (chosen at compress)
+            scores = self._scores_cpp(q)
+            if impl == "cpp":  # top-k and slot bookkeeping in one C++ pass too
+                return self._select_cpp(scores)
+        elif self._score_impl(q.device, self._landmarks.dtype) == "triton":
             from longctx.triton_kernels.shadowkv_select import landmark_scores_triton
 
-            scores = landmark_scores_triton(q, self.landmarks, self.landmark_bias, self.ctx.scale)
-        elif score_impl == "cpp":
-            scores = self._scores_cpp(q)
+            scores = landmark_scores_triton(q, self._landmarks, self.landmark_bias, self.ctx.scale)
         else:
-            scores = landmark_scores(q, self.landmarks, self.landmark_bias, self.ctx.scale)
+            scores = landmark_scores(q, self._landmarks, self.landmark_bias, self.ctx.scale)
         ids = scores.topk(K, dim=-1, sorted=False).indices  # [B, Hkv, K]
         base = (torch.arange(B * Hkv, device=q.device) * N).view(B, Hkv, 1)
         gid = ids + base  # flat chunk ids
@@ -567,14 +604,37 @@ class ShadowKVLayer(BackendLayer):
                 self._fill_cpp(chunks, target, n_miss)
             else:
                 self._fill_torch(chunks, target)
-        # counters stay on the device (no sync); the first selection has nothing to hit
-        lookups = B * Hkv * K
+        self._count(n_miss)
+
+    def _count(self, n_miss: torch.Tensor) -> None:
+        """Hit/lookup/rebuild counters from the ``[B, Hkv]`` miss counts (on the device: no sync);
+        the first selection has nothing to hit."""
+        lookups = n_miss.numel() * self.n_select
         misses = n_miss.sum()
         if self._steps > 0:
             self._counters[0] += lookups - misses
             self._counters[1] += lookups
             self._last_hits = lookups - misses
         self._counters[2] += misses * self.config.chunk_size
+
+    def _select_cpp(self, scores: torch.Tensor) -> None:
+        """:meth:`_select` after C++ scoring: ``longctx._C.shadowkv_select`` picks the top chunks and
+        updates the slot tables in place, then the misses are rebuilt by :meth:`_fill_cpp`."""
+        from longctx import _C
+
+        B, Hkv, N = scores.shape
+        K = self.n_select
+        chunks, target, n_miss = (
+            torch.from_numpy(a) for a in _C.shadowkv_select(
+                scores.view(B * Hkv, N).numpy(), K, self.slot_of.numpy(), self.slot_ids.view(B * Hkv, K).numpy(),
+                self.config.reuse_hits, torch.get_num_threads())
+        )
+        n_miss = n_miss.view(B, Hkv)
+        M = int(n_miss.max())
+        if M:  # entries past a row's count are -1 and skipped by the kernel
+            self._fill_cpp(chunks.view(B, Hkv, K)[..., :M].clamp(min=0), target.view(B, Hkv, K)[..., :M].clamp(min=0),
+                           n_miss)
+        self._count(n_miss)
 
     def _selected_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The selected region of the K and V buffers as ``[B, Hkv, K, C, D]`` views."""
@@ -630,14 +690,14 @@ class ShadowKVLayer(BackendLayer):
         from longctx import _C
 
         B, H, S, D = q.shape
-        Hkv, N = self.landmarks.shape[1], self.landmarks.shape[2]
+        Hkv, N = self.ctx.num_kv_heads, self.n_chunks
         rows = B * Hkv
         qg = q.reshape(rows, (H // Hkv) * S, D).float().contiguous()
-        lm_t = self.landmarks.transpose(-1, -2).reshape(rows, D, N)  # contiguous as stored
-        if lm_t.dtype == torch.bfloat16:
-            lm_t = lm_t.view(torch.int16)  # numpy has no bf16: the kernel reads the bit patterns
+        lm = self._landmarks_tiled.view(rows, -1, D, LANDMARK_TILE)
+        if lm.dtype == torch.bfloat16:
+            lm = lm.view(torch.int16)  # numpy has no bf16: the kernel reads the bit patterns
         bias = None if self.landmark_bias is None else self.landmark_bias.view(rows, N).numpy()
-        out = _C.shadowkv_scores(qg.numpy(), lm_t.numpy(), bias, float(self.ctx.scale), torch.get_num_threads())
+        out = _C.shadowkv_scores(qg.numpy(), lm.numpy(), N, bias, float(self.ctx.scale), torch.get_num_threads())
         return torch.from_numpy(out).view(B, Hkv, N)
 
     def _fill_cpp(self, chunks: torch.Tensor, target: torch.Tensor, counts: torch.Tensor) -> None:
@@ -773,7 +833,8 @@ class ShadowKVLayer(BackendLayer):
 
         device = sum(
             nbytes(t)
-            for t in (self.u, self.sv, self.sv_rot, self.sv_offsets, self._sv2 and self._sv2[1], self.landmarks,
+            for t in (self.u, self.sv, self.sv_rot, self.sv_offsets, self._sv2 and self._sv2[1], self._landmarks,
+                      self._landmarks_tiled,
                       self.landmark_bias, self.pos_ctx, self.outlier_ids, self.slot_of, self.slot_ids)
         )
         if self.k_buf is not None:

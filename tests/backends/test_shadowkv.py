@@ -12,7 +12,9 @@ import torch
 
 import longctx
 from longctx.backends import LayerContext, make_layer
-from longctx.backends.shadowkv import LlamaRopeEmb, key_basis, landmark_scores, rope_inplace_halves
+from longctx.backends.shadowkv import (
+    LlamaRopeEmb, key_basis, landmark_scores, rope_inplace_halves, tile_landmarks, untile_landmarks,
+)
 from longctx.config import ShadowKVConfig
 from longctx.models import RotaryHelper
 
@@ -285,7 +287,9 @@ def test_memory_per_tier(gen):
     local = T - N * C
     f = 4  # fp32 bytes
     exact = 2 * B * Hkv * (O * C + local + K * C) * D * f
-    device = B * N * C * 12 * f + B * Hkv * 12 * D * f + B * Hkv * N * D * f  # U, SV, landmarks
+    tiled = layer._landmarks_tiled is not None  # the C++ path stores whole tiles of 64 chunks
+    n_lm = -(-N // 64) * 64 if tiled else N
+    device = B * N * C * 12 * f + B * Hkv * 12 * D * f + B * Hkv * n_lm * D * f  # U, SV, landmarks
     device += B * Hkv * N * f + B * N * C * 8 + B * Hkv * O * 8  # landmark bias, positions, outlier ids
     device += (B * Hkv * N + 1) * 8 + B * Hkv * K * 8  # slot tables
     assert layer.memory() == {"device": device + exact, "host": B * Hkv * N * C * D * f}
@@ -400,19 +404,24 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
     # scores: GS = 5 rows (a group of 4 and 1), N = 200 (3 full tiles of 64 and a tail)
     rows, GS, N = 3, 5, 200
     q = torch.randn(rows, GS, D, generator=gen)
-    lm = torch.randn(rows, D, N, generator=gen)
     bias = torch.zeros(rows, N)
     bias[0, 10:50] = float("-inf")
     bias[2] = float("-inf")  # every chunk removed: scores 0
+    lm = torch.randn(1, rows, N, D, generator=gen)
+    tiles = tile_landmarks(lm)[0]  # [rows, 4, D, 64]
+    assert tiles.shape == (rows, 4, D, 64) and torch.equal(untile_landmarks(tiles[None], N), lm)
     for b in (bias, None):
-        got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), lm.numpy(), None if b is None else b.numpy(), 0.3, 2))
+        got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), tiles.numpy(), N, None if b is None else b.numpy(), 0.3, 2))
         bb = None if b is None else b[None]
-        ref = landmark_scores(q.view(1, rows * GS, 1, D), lm.transpose(1, 2).unsqueeze(0), bb, 0.3)
+        ref = landmark_scores(q.view(1, rows * GS, 1, D), lm, bb, 0.3)
         torch.testing.assert_close(got, ref.view(rows, N), atol=1e-6, rtol=1e-5)
     lm16 = lm.bfloat16()  # bf16 landmarks travel as int16 bit patterns, scored in fp32
-    got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), lm16.view(torch.int16).numpy(), bias.numpy(), 0.3, 1))
-    ref = landmark_scores(q.view(1, rows * GS, 1, D), lm16.transpose(1, 2).unsqueeze(0), bias[None], 0.3)
+    tiles16 = tile_landmarks(lm16)[0].view(torch.int16)
+    got = torch.from_numpy(_C.shadowkv_scores(q.numpy(), tiles16.numpy(), N, bias.numpy(), 0.3, 1))
+    ref = landmark_scores(q.view(1, rows * GS, 1, D), lm16, bias[None], 0.3)
     torch.testing.assert_close(got, ref.view(rows, N), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="n_chunks requires"):
+        _C.shadowkv_scores(q.numpy(), tiles.numpy(), N + 64, None, 0.3, 1)
     # rebuild: 2 sequences x 2 KV heads, strided destinations
     B, Hkv, C, Nc, r, K, M = 2, 2, 4, 30, 12, 9, 7
     rows = B * Hkv
@@ -457,6 +466,80 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
         bad[0, 0] = Nc
         _C.shadowkv_rebuild(u.numpy(), sv.numpy(), bad.numpy(), slots.numpy(), counts.numpy(), cos.numpy(),
                             sin.numpy(), ok.numpy(), v_src.numpy(), ov.numpy(), Hkv, 1)
+
+
+def test_cpp_select_top_k_and_slot_tables(gen):
+    from longctx.ops import cpp_available
+
+    if not cpp_available():
+        pytest.skip("longctx._C not built")
+    from longctx import _C
+
+    rows, N, K = 3, 50, 7
+    slot_of = torch.full((rows * N + 1,), -1, dtype=torch.long)
+    slot_ids = torch.full((rows, K), -1, dtype=torch.long)
+    scores = torch.rand(rows, N, generator=gen)
+    prev = None
+    for step in range(6):
+        scores = torch.where(torch.rand(rows, N, generator=gen) < 0.2, torch.rand(rows, N, generator=gen), scores)
+        chunks, slots, counts = (torch.from_numpy(a) for a in _C.shadowkv_select(
+            scores.numpy(), K, slot_of.numpy(), slot_ids.numpy(), True, 2))
+        top = scores.topk(K, dim=-1).indices
+        for r in range(rows):
+            want = set(top[r].tolist())
+            held = {int(x) - r * N for x in slot_ids[r]}
+            assert held == want  # the slots hold exactly the top K
+            for s_, gid in enumerate(slot_ids[r].tolist()):
+                assert int(slot_of[gid]) == s_
+            n = int(counts[r])
+            new = set(chunks[r, :n].tolist())
+            assert chunks[r, n:].eq(-1).all() and slots[r, n:].eq(-1).all()
+            if prev is None:
+                assert new == want
+            else:  # hits keep their slot; only the chunks that were not held are rebuilt
+                assert new == want - prev[r][0]
+                for c in want & prev[r][0]:
+                    assert int(slot_of[r * N + c]) == prev[r][1][c]
+            for c, s_ in zip(chunks[r, :n].tolist(), slots[r, :n].tolist()):
+                assert int(slot_ids[r, s_]) == r * N + c
+        assert int((slot_of[:-1] >= 0).sum()) == rows * K
+        prev = [(set(top[r].tolist()), {c: int(slot_of[r * N + c]) for c in top[r].tolist()}) for r in range(rows)]
+    with pytest.raises(ValueError, match="K requires"):
+        _C.shadowkv_select(scores.numpy(), N + 1, slot_of.numpy(), slot_ids.numpy(), True, 1)
+    with pytest.raises(ValueError, match="slot_ids requires"):
+        _C.shadowkv_select(scores.numpy(), K - 1, slot_of.numpy(), slot_ids.numpy(), True, 1)
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_cpp_rebuild_bf16_tile_shapes(gen, folded):
+    """Shapes of the AMX path (rank % 32 == 0, head dim % 64 == 0; 16-token tiles, a ragged last tile and
+    rows of different miss counts); on CPUs without AMX the same call runs the AVX512-BF16 loop."""
+    from longctx.ops import cpp_available
+
+    if not cpp_available():
+        pytest.skip("longctx._C not built")
+    from longctx import _C
+
+    B, Hkv, C, Nc, r, D, K, M, R = 1, 2, 8, 60, 96, 128, 45, 40, 128
+    rows = B * Hkv
+    u = torch.randn(B * Nc * C, r, generator=gen).bfloat16()
+    sv = torch.randn(rows * (C if folded else 1), r, D, generator=gen).bfloat16()
+    sv2 = sv.view(sv.shape[0], r // 2, 2, D).transpose(-1, -2).contiguous()
+    chunks = torch.stack([torch.randperm(Nc, generator=gen)[:M] for _ in range(rows)])
+    slots = torch.stack([torch.randperm(K, generator=gen)[:M] for _ in range(rows)])
+    counts = torch.tensor([40, 17])
+    cc = 1 if folded else C
+    cos, sin = torch.randn(rows, M, cc, R, generator=gen), torch.randn(rows, M, cc, R, generator=gen)
+    v_src = torch.randn(rows, Nc, C, D, generator=gen)
+    got_k, got_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
+    _C.shadowkv_rebuild_bf16(u.view(torch.int16).numpy(), sv2.view(torch.int16).numpy(), chunks.numpy(),
+                             slots.numpy(), counts.numpy(), cos.numpy(), sin.numpy(), got_k.numpy(), v_src.numpy(),
+                             got_v.numpy(), Hkv, 2)
+    ref_k, ref_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
+    _rebuild_ref(u.float(), sv.float(), chunks, slots, counts, cos, sin, ref_k, v_src, ref_v, Hkv)
+    torch.testing.assert_close(got_k, ref_k, atol=2e-4, rtol=1e-4)
+    assert torch.equal(got_v, ref_v)
+    assert isinstance(_C.shadowkv_amx(r, D), bool) and not _C.shadowkv_amx(r + 2, D)
 
 
 @pytest.mark.parametrize("D, landmark_dtype, factor_dtype",
