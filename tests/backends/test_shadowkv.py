@@ -393,6 +393,24 @@ def _rebuild_ref(u, sv, chunks, slots, counts, cos, sin, out_k, v_src, out_v, Hk
                 out_v[row, sl, c] = v_src[row, ch, c]
 
 
+def _check_bf16_rebuild(u16, sv16, chunks, slots, counts, cos, sin, v_src, K, Hkv, atol):
+    """Run ``_C.shadowkv_rebuild_bf16`` on bf16 factors (SV pair-interleaved over r) against the
+    reference on the same rounded values; returns the pair-interleaved SV."""
+    from longctx import _C
+
+    rows, C, D, r = chunks.shape[0], v_src.shape[2], v_src.shape[3], u16.shape[1]
+    sv2 = sv16.view(sv16.shape[0], r // 2, 2, D).transpose(-1, -2).contiguous()
+    got_k, got_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
+    _C.shadowkv_rebuild_bf16(u16.view(torch.int16).numpy(), sv2.view(torch.int16).numpy(), chunks.numpy(),
+                             slots.numpy(), counts.numpy(), cos.numpy(), sin.numpy(), got_k.numpy(), v_src.numpy(),
+                             got_v.numpy(), Hkv, 2)
+    ref_k, ref_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
+    _rebuild_ref(u16.float(), sv16.float(), chunks, slots, counts, cos, sin, ref_k, v_src, ref_v, Hkv)
+    torch.testing.assert_close(got_k, ref_k, atol=atol, rtol=1e-4)
+    assert torch.equal(got_v, ref_v)
+    return sv2
+
+
 @pytest.mark.parametrize("D, folded, R", [(64, True, 64), (64, False, 32), (24, True, 16)])
 def test_cpp_kernels_match_reference(gen, D, folded, R):
     from longctx.ops import cpp_available
@@ -448,15 +466,8 @@ def test_cpp_kernels_match_reference(gen, D, folded, R):
     assert outs[0][0][1].eq(0).all()  # count 0 writes nothing
     # bf16 factors: U as bits, SV pair-interleaved over r; the reference multiplies the same rounded values
     u16, sv16 = u.bfloat16(), sv.bfloat16()
-    sv2 = sv16.view(sv.shape[0], r // 2, 2, D).transpose(-1, -2).contiguous()
+    sv2 = _check_bf16_rebuild(u16, sv16, chunks, slots, counts, cos, sin, v_src, K, Hkv, atol=1e-4)
     got_k, got_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
-    _C.shadowkv_rebuild_bf16(u16.view(torch.int16).numpy(), sv2.view(torch.int16).numpy(), chunks.numpy(),
-                             slots.numpy(), counts.numpy(), cos.numpy(), sin.numpy(), got_k.numpy(), v_src.numpy(),
-                             got_v.numpy(), Hkv, 2)
-    ref_k, ref_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
-    _rebuild_ref(u16.float(), sv16.float(), chunks, slots, counts, cos, sin, ref_k, v_src, ref_v, Hkv)
-    torch.testing.assert_close(got_k, ref_k, atol=1e-4, rtol=1e-4)
-    assert torch.equal(got_v, ref_v)
     with pytest.raises(ValueError, match="r even"):
         _C.shadowkv_rebuild_bf16(u16[:, :-1].contiguous().view(torch.int16).numpy(), sv2.view(torch.int16).numpy(),
                                  chunks.numpy(), slots.numpy(), counts.numpy(), cos.numpy(), sin.numpy(),
@@ -524,21 +535,13 @@ def test_cpp_rebuild_bf16_tile_shapes(gen, folded):
     rows = B * Hkv
     u = torch.randn(B * Nc * C, r, generator=gen).bfloat16()
     sv = torch.randn(rows * (C if folded else 1), r, D, generator=gen).bfloat16()
-    sv2 = sv.view(sv.shape[0], r // 2, 2, D).transpose(-1, -2).contiguous()
     chunks = torch.stack([torch.randperm(Nc, generator=gen)[:M] for _ in range(rows)])
     slots = torch.stack([torch.randperm(K, generator=gen)[:M] for _ in range(rows)])
     counts = torch.tensor([40, 17])
     cc = 1 if folded else C
     cos, sin = torch.randn(rows, M, cc, R, generator=gen), torch.randn(rows, M, cc, R, generator=gen)
     v_src = torch.randn(rows, Nc, C, D, generator=gen)
-    got_k, got_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
-    _C.shadowkv_rebuild_bf16(u.view(torch.int16).numpy(), sv2.view(torch.int16).numpy(), chunks.numpy(),
-                             slots.numpy(), counts.numpy(), cos.numpy(), sin.numpy(), got_k.numpy(), v_src.numpy(),
-                             got_v.numpy(), Hkv, 2)
-    ref_k, ref_v = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
-    _rebuild_ref(u.float(), sv.float(), chunks, slots, counts, cos, sin, ref_k, v_src, ref_v, Hkv)
-    torch.testing.assert_close(got_k, ref_k, atol=2e-4, rtol=1e-4)
-    assert torch.equal(got_v, ref_v)
+    _check_bf16_rebuild(u, sv, chunks, slots, counts, cos, sin, v_src, K, Hkv, atol=2e-4)
     assert isinstance(_C.shadowkv_amx(r, D), bool) and not _C.shadowkv_amx(r + 2, D)
 
 
