@@ -988,16 +988,18 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             train(models, tok, curriculum, seed=args.seed + args.from_stage, lr=args.lr, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=30,
                   stop_after_stage=args.stop_after_stage)
-        if args.continuation or args.continuation_only:
-            cont = scaled(CONTINUATION)
-            logger.info("continuation %s lr %g", [dataclasses.asdict(s) for s in cont], args.lr / 2)
-            train(models, tok, cont, seed=args.seed + 100, lr=args.lr / 2, autocast=args.autocast, essay_words=essay,
-                  on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=20)
-        if (args.polish and not args.continuation_only) or args.polish_only:
-            pol = scaled(POLISH)
-            logger.info("polish %s lr %g", [dataclasses.asdict(s) for s in pol], args.lr / 2)
-            train(models, tok, pol, seed=args.seed + 200, lr=args.lr / 2, autocast=args.autocast, essay_words=essay,
-                  on_stage_end=checkpoint, save_every=args.save_every, warmup=20)
+        # follow-up curricula: each a fresh optimizer at half the learning rate and its own seeded stream
+        follow_ups = [
+            ("continuation", CONTINUATION, 100, args.continuation or args.continuation_only),
+            ("polish", POLISH, 200, (args.polish and not args.continuation_only) or args.polish_only),
+        ]
+        for name, stages, seed_offset, wanted in follow_ups:
+            if not wanted:
+                continue
+            stages = scaled(stages)
+            logger.info("%s %s lr %g", name, [dataclasses.asdict(s) for s in stages], args.lr / 2)
+            train(models, tok, stages, seed=args.seed + seed_offset, lr=args.lr / 2, autocast=args.autocast,
+                  essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, warmup=20)
         logger.info("training took %.1f min", (time.time() - t0) / 60)
         target, draft = models.get("target"), models.get("draft")
         if target is None:
