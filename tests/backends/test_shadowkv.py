@@ -653,3 +653,35 @@ def test_bf16_factors_track_fp32_factors(gen):
     for a, b in zip(out32[1:], out16[1:]):
         rel = (a - b).norm() / a.norm()
         assert 0 < rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("case", ["spread", "ties", "nan_and_inf"])
+def test_cpp_select_large_rows_match_full_top_k(gen, case):
+    """Rows long enough for the sampled threshold: the selected set equals the exact top K
+    (largest first, ties to the lower id, NaN and -inf last), including rows where the sample
+    overshoots (a block of equal high scores) and the fallback takes every chunk."""
+    from longctx.ops import cpp_available
+
+    if not cpp_available():
+        pytest.skip("longctx._C not built")
+    from longctx import _C
+
+    rows, N, K = 4, 20000, 256
+    scores = torch.rand(rows, N, generator=gen)
+    if case == "ties":  # few distinct values: many ties at the K-th score
+        scores = (scores * 50).floor()
+        scores[1] = 1.0  # every score equal: the lowest K ids win
+    elif case == "nan_and_inf":
+        scores[torch.rand(rows, N, generator=gen) < 0.3] = float("nan")
+        scores[torch.rand(rows, N, generator=gen) < 0.3] = float("-inf")
+        scores[2, :N - 100] = float("nan")  # fewer real scores than K: NaNs fill up, lowest ids first
+    slot_of = torch.full((rows * N + 1,), -1, dtype=torch.long)
+    slot_ids = torch.full((rows, K), -1, dtype=torch.long)
+    chunks, _, counts = (torch.from_numpy(a) for a in _C.shadowkv_select(
+        scores.numpy(), K, slot_of.numpy(), slot_ids.numpy(), True, 2))
+    key = torch.where(scores.isnan(), float("-inf"), scores)
+    for r in range(rows):
+        # reference: sort by (score desc, id asc)
+        ids = sorted(range(N), key=lambda n: (-float(key[r, n]), n))[:K]
+        assert int(counts[r]) == K
+        assert set(chunks[r].tolist()) == set(ids)
