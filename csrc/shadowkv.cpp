@@ -685,6 +685,16 @@ void run_rebuild(const RebuildPlan& p, const T* up, const T* svp, int threads) {
       const int64_t b = row / p.num_kv_heads;
       const int64_t* ch = p.cp + row * M + j0;
       const int64_t* sl = p.sp + row * M + j0;
+      // values: whole chunks (one contiguous run each side) when the layouts allow, else row by row below;
+      // the chunks' U rows are fetched meanwhile (random chunks: the hardware prefetcher cannot guess them)
+      const bool whole_chunks = p.vs2 == D && p.ov.s2 == D;
+      for (int64_t i = 0; i < nt; ++i) {
+        const T* ub = up + (b * p.Tc + ch[i] * C) * r;
+        for (int64_t e = 0; e < C * r; e += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(ub + e, 0, 2);
+        if (whole_chunks)
+          std::memcpy(p.ov.data + row * p.ov.s0 + sl[i] * p.ov.s1, p.vp + row * p.vs0 + ch[i] * p.vs1,
+                      static_cast<size_t>(C * D) * sizeof(float));
+      }
       for (int64_t c = 0; c < C; ++c) {
         // -- keys of token c of nt chunks: U rows @ SV
         const T* svc = svp + (row * p.Cs + (p.Cs > 1 ? c : 0)) * r * D;
@@ -717,7 +727,8 @@ void run_rebuild(const RebuildPlan& p, const T* up, const T* svp, int threads) {
           for (int64_t d = h; d < R; ++d) dst[d] = ai[d] * cs[d] + ai[d - h] * sn[d];
           for (int64_t d = R; d < D; ++d) dst[d] = ai[d];
           // -- the chunk's value row c, host tier -> slot
-          std::memcpy(p.ov.data + row * p.ov.s0 + sl[i] * p.ov.s1 + c * p.ov.s2,
+          if (!whole_chunks)
+            std::memcpy(p.ov.data + row * p.ov.s0 + sl[i] * p.ov.s1 + c * p.ov.s2,
                       p.vp + row * p.vs0 + ch[i] * p.vs1 + c * p.vs2, static_cast<size_t>(D) * sizeof(float));
         }
       }

@@ -360,6 +360,8 @@ class ShadowKVLayer(BackendLayer):
         self.sv_rot: Optional[torch.Tensor] = None  # [B, Hkv, r, 2D]: SV | rotate_half(SV), for fused RoPE
         self.sv_offsets: Optional[torch.Tensor] = None  # [B*Hkv*C, r, D]: SV rotated by each in-chunk offset
         self._fold_checked = False
+        self._start_cs: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos/sin at every chunk start
+        self._start_cs_halves = False
         self._sv2: Optional[tuple[tuple, torch.Tensor]] = None  # (source SV's (ptr, shape), its bf16 pair layout)
         self._landmarks: Optional[torch.Tensor] = None  # [B, Hkv, N, D] (a view of [B, Hkv, D, N])
         self._landmarks_tiled: Optional[torch.Tensor] = None  # [B, Hkv, NB, D, 64]: the C++ scoring layout
@@ -708,11 +710,9 @@ class ShadowKVLayer(BackendLayer):
         rows = B * Hkv
         C, r, D = self.config.chunk_size, self.rank, self.ctx.head_dim
         Tc = self.u.shape[1]
-        base = (torch.arange(B) * Tc).view(B, 1, 1)
         sv = self._offset_rotated_sv()
         if sv is not None:  # cos/sin at the chunk starts only (offset rotation folded into SV)
-            starts = self.pos_ctx.view(-1).index_select(0, (chunks * C + base).view(-1)).view(rows, M)
-            cos, sin = (t.reshape(rows, M, 1, -1) for t in self.rotary.cos_sin(starts, self.k_buf))
+            cos, sin = self._chunk_start_cos_sin(chunks)
         else:
             tok = (chunks.unsqueeze(-1) * C + torch.arange(C)).view(B, Hkv * M * C)
             pos = self.pos_ctx.gather(1, tok).view(rows, M * C)
@@ -731,6 +731,30 @@ class ShadowKVLayer(BackendLayer):
             sel_k.view(rows, self.n_select, C, D).numpy(), self.v_host.view(rows, self.n_chunks, C, D).numpy(),
             sel_v.view(rows, self.n_select, C, D).numpy(), Hkv, torch.get_num_threads(),
         )
+
+    def _chunk_start_cos_sin(self, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B*Hkv, M, 1, R]`` fp32 at the first position of ``chunks`` (``[B, Hkv, M]``).
+
+        Gathered from a table of every chunk start, built once from the model's rotary (the
+        values :meth:`RotaryHelper.cos_sin` gives, without its per-step cost). Rotate-half
+        tables repeat their first half, so only that half is stored (~0.8% of the dense KV).
+        """
+        B, Hkv, M = chunks.shape
+        N = self.n_chunks
+        if self._start_cs is None:
+            starts = self.pos_ctx.view(B, N, self.config.chunk_size)[..., 0]
+            cos, sin = (t[:, 0].float() for t in self.rotary.cos_sin(starts, self.k_buf))  # [B, N, R]
+            h = cos.shape[-1] // 2
+            halves = cos.shape[-1] % 2 == 0 and bool((cos[..., :h] == cos[..., h:]).all()
+                                                     and (sin[..., :h] == sin[..., h:]).all())
+            self._start_cs = (cos[..., :h].contiguous(), sin[..., :h].contiguous()) if halves else (cos, sin)
+            self._start_cs_halves = halves
+        flat = (chunks + (torch.arange(B, device=chunks.device) * N).view(B, 1, 1)).view(-1)
+        out = []
+        for tab in self._start_cs:
+            t = tab.view(B * N, -1).index_select(0, flat)
+            out.append((torch.cat([t, t], -1) if self._start_cs_halves else t).view(B * Hkv, M, 1, -1))
+        return out[0], out[1]
 
     def _sv_pairs(self, sv: torch.Tensor) -> torch.Tensor:
         """``[X, r/2, D, 2]`` bf16: ``sv`` (``[X, r, D]``) interleaved over pairs of rank rows, cached per source."""
@@ -834,6 +858,7 @@ class ShadowKVLayer(BackendLayer):
         device = sum(
             nbytes(t)
             for t in (self.u, self.sv, self.sv_rot, self.sv_offsets, self._sv2 and self._sv2[1], self._landmarks,
+                      *(self._start_cs or ()),
                       self._landmarks_tiled,
                       self.landmark_bias, self.pos_ctx, self.outlier_ids, self.slot_of, self.slot_ids)
         )
