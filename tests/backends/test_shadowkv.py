@@ -295,6 +295,8 @@ def test_memory_per_tier(gen):
     assert layer.memory() == {"device": device + exact, "host": B * Hkv * N * C * D * f}
     layer.decode(*_inputs(gen, B, H, Hkv, 1, D, start=T))
     device += B * Hkv * C * 12 * D * f  # SV rotated by each in-chunk offset, built at the first decode
+    if layer._start_cs is not None:  # cos/sin at every chunk start (the C++ rebuild), first half of D
+        device += 2 * B * N * (D // 2) * f
     assert layer.memory()["device"] == device + exact + 2 * B * Hkv * D * f  # + one generated token
     dense_kv = 2 * B * Hkv * T * D * f
     assert layer.memory()["device"] < dense_kv
