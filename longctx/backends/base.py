@@ -178,6 +178,41 @@ class BackendLayer(abc.ABC):
             )
 
 
+def chunk_attended_mask(chunk_ids: list[Optional[torch.Tensor]], chunk_size: int, tail_start: int, T: int,
+                        q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[B, H, S, T]`` bool mask of a chunked cache for the diagnostics (``BackendLayer.attended``).
+
+    Parameters
+    ----------
+    chunk_ids : list of torch.Tensor or None
+        ``[B, Hkv, K]`` prompt chunk indices held per KV head (several sets are OR-ed; ``None``
+        or empty sets are skipped).
+    chunk_size : int
+        Tokens per chunk C (chunk n covers keys ``n*C .. n*C+C-1``).
+    tail_start : int
+        Keys from here to ``T`` (the recent prompt tokens and the generated ones) are all held.
+    T : int
+        Keys; the last S keys are causal among the S queries.
+    q : torch.Tensor
+        ``[B, H, S, D]`` the step's queries (shape and device).
+    num_kv_heads : int
+        Hkv.
+    """
+    B, H, S, _ = q.shape
+    Hkv, dev = num_kv_heads, q.device
+    mask = torch.zeros(B, Hkv, T, dtype=torch.bool, device=dev)
+    mask[..., tail_start:] = True
+    offs = torch.arange(chunk_size, device=dev)
+    for ids in chunk_ids:
+        if ids is not None and ids.numel():
+            mask.scatter_(2, (ids.unsqueeze(-1) * chunk_size + offs).view(B, Hkv, -1), True)
+    mask = mask.repeat_interleave(H // Hkv, dim=1).unsqueeze(2).repeat(1, 1, S, 1)
+    if S > 1:
+        qi = torch.arange(S, device=dev).unsqueeze(1) + (T - S)
+        mask &= torch.arange(T, device=dev).unsqueeze(0) <= qi
+    return mask
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendSpec:
     """A registry entry: the backend's name, its config class and its layer class."""

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from longctx.backends import register_backend
-from longctx.backends.base import BackendLayer, LayerContext
+from longctx.backends.base import BackendLayer, LayerContext, chunk_attended_mask
 from longctx.backends.dense import GrowingKV, grouped_attention
 from longctx.config import TriForceRetrievalConfig
 
@@ -201,6 +201,10 @@ class TriForceRetrievalLayer(BackendLayer):
             out = grouped_attention(q, kk, vv, self.ctx.scale, kk.shape[2] - q.shape[2], window)
         self._steps += 1
         self.attended = None
+        if self.record_attended and not self.fallback_dense:  # the selected chunks, the remainder, generated
+            C = self.config.chunk_size
+            self.attended = chunk_attended_mask([self.chunks], C, (self.prompt_len // C) * C, self.seq_length,
+                                                q, self.ctx.num_kv_heads)
         return out
 
     def rollback(self, n_tokens: int) -> None:

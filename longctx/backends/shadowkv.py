@@ -59,7 +59,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from longctx.backends import register_backend
-from longctx.backends.base import BackendLayer, LayerContext
+from longctx.backends.base import BackendLayer, LayerContext, chunk_attended_mask
 from longctx.backends.dense import grouped_attention
 from longctx.config import SHADOWKV_DEFAULT_RANK, ShadowKVConfig
 from longctx.models import RotaryHelper, rotate_half
@@ -893,22 +893,9 @@ class ShadowKVLayer(BackendLayer):
     # ------------------------------------------------------------------ helpers
     def _attended_mask(self, q: torch.Tensor) -> torch.Tensor:
         """``[B, H, S, T]`` bool: prompt tokens held exactly or selected, and causal generated tokens."""
-        B, H, S, _ = q.shape
-        Hkv, C = self.ctx.num_kv_heads, self.config.chunk_size
-        T = self.seq_length
-        dev = q.device
-        mask = torch.zeros(B, Hkv, T, dtype=torch.bool, device=dev)
-        Tc = self.n_chunks * C
-        mask[..., Tc:] = True  # local window and generated tokens
-        offs = torch.arange(C, device=dev)
-        for ids in (self.outlier_ids, None if self.slot_ids is None else self.slot_ids % max(self.n_chunks, 1)):
-            if ids is not None and ids.numel():
-                mask.scatter_(2, (ids.unsqueeze(-1) * C + offs).view(B, Hkv, -1), True)
-        mask = mask.repeat_interleave(H // Hkv, dim=1).unsqueeze(2).repeat(1, 1, S, 1)
-        if S > 1:
-            qi = torch.arange(S, device=dev).unsqueeze(1) + (T - S)
-            mask &= torch.arange(T, device=dev).unsqueeze(0) <= qi
-        return mask
+        selected = None if self.slot_ids is None else self.slot_ids % max(self.n_chunks, 1)
+        return chunk_attended_mask([self.outlier_ids, selected], self.config.chunk_size,
+                                   self.n_chunks * self.config.chunk_size, self.seq_length, q, self.ctx.num_kv_heads)
 
     def _check(self, q, k, v, positions, prefill: bool) -> None:
         ctx = self.ctx

@@ -171,8 +171,19 @@ class StreamingLayer(BackendLayer):
         else:
             out = _masked_attention(q, kr, vv, self.ctx.scale, window_mask(S, L, c.sinks, c.window, q.device))
         self._steps += 1
-        self.attended = None
+        self.attended = self._attended_mask(q, L) if self.record_attended else None
         return out
+
+    def _attended_mask(self, q: torch.Tensor, L: int) -> torch.Tensor:
+        """``[B, H, S, T]`` bool over the original token indices: the sinks and the window per query."""
+        B, H, S, _ = q.shape
+        T, sinks = self.seq_length, self.config.sinks
+        by_slot = window_mask(S, L, sinks, self.config.window, q.device)  # [S, L]
+        slot = torch.arange(L, device=q.device)
+        index = torch.where(slot < sinks, slot, slot + (T - L))  # held: the sinks, then the last L - sinks tokens
+        mask = torch.zeros(S, T, dtype=torch.bool, device=q.device)
+        mask[:, index] = by_slot
+        return mask.expand(B, H, S, T)
 
     def rollback(self, n_tokens: int) -> None:
         self._check_rollback(n_tokens, self.generated)

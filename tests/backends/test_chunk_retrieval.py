@@ -39,6 +39,7 @@ def test_decode_attends_exactly_the_selected_chunks(gen, H, Hkv):
     ctx = LayerContext(num_heads=H, num_kv_heads=Hkv, head_dim=D)
     C, S = 4, 66  # 16 chunks + a remainder of 2
     layer = make_layer("triforce_retrieval", ctx, chunk_size=C, budget=16)
+    layer.record_attended = True
     q, k, v = _inputs(gen, H, Hkv, S + 3)
     pos = torch.arange(S + 3).unsqueeze(0)
     layer.prefill(q[:, :, :S], k[:, :, :S], v[:, :, :S], pos[:, :S])
@@ -54,6 +55,9 @@ def test_decode_attends_exactly_the_selected_chunks(gen, H, Hkv):
         n_valid = idx.shape[-1] - (2 - i)
         ref, _ = sparse_attention_ref(q[:, :, S + i : S + i + 1], k, v, idx[..., :n_valid], ctx.scale)
         torch.testing.assert_close(out[:, :, i : i + 1], ref, atol=1e-5, rtol=1e-5)
+        for h in range(H):  # the diagnostics' mask names exactly these keys
+            want = idx[0, h // (H // Hkv), :n_valid].sort().values
+            assert torch.equal(layer.attended[0, h, i].nonzero().flatten(), want)
     assert layer.stats()["keys_per_step"] == 16 + 2 + 3
 
 

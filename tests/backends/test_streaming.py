@@ -38,7 +38,8 @@ def _rope(rope, x, pos):
 
 def _reference(qp, kp, v, t, t_last, held, cfg, rope, scale):
     """Output of stream query ``t`` (pre-RoPE ``qp [B, H, 1, D]``) of a call ending at ``t_last`` that left
-    ``held`` tokens: the sinks and the latest others, at slots ``0 .. held-1``."""
+    ``held`` tokens: the sinks and the latest others, at slots ``0 .. held-1``; and the original
+    indices of the keys it saw."""
     idx_all = torch.cat([torch.arange(min(cfg.sinks, held)), torch.arange(t_last + 1 - (held - cfg.sinks), t_last + 1)])
     slots = torch.arange(held)
     q_slot = held - 1 - (t_last - t)
@@ -48,7 +49,7 @@ def _reference(qp, kp, v, t, t_last, held, cfg, rope, scale):
     q = _rope(rope, qp, torch.tensor([q_slot]))
     G = qp.shape[1] // kp.shape[1]
     k, vv = k.repeat_interleave(G, 1), v[:, :, idx].repeat_interleave(G, 1)
-    return torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ vv
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ vv, idx
 
 
 @pytest.mark.parametrize("Hkv", [4, 2])
@@ -57,6 +58,7 @@ def test_decode_matches_sinks_window_reference(gen, Hkv):
     cfg = StreamingConfig(sinks=3, window=8, rollback_reserve=2)
     cap = cfg.sinks + cfg.window + cfg.rollback_reserve
     layer = make_layer(cfg, ctx)
+    layer.record_attended = True  # the diagnostics' mask must name exactly the keys each query saw
     P, N = 16, 16 + COMPACT_EVERY + 12
     qp = torch.randn(1, 4, N, D, generator=gen)
     kp = torch.randn(1, Hkv, N, D, generator=gen)
@@ -73,9 +75,12 @@ def test_decode_matches_sinks_window_reference(gen, Hkv):
         if held > cap + COMPACT_EVERY:  # lazy eviction back to capacity
             held = cap
         assert layer.stats()["keys_held"] == held
+        assert layer.attended.shape == (1, 4, S, t + S)
         for i in range(S):
-            ref = _reference(qp[:, :, t + i : t + i + 1], kp, v, t + i, t + S - 1, held, cfg, rope, ctx.scale)
+            ref, seen = _reference(qp[:, :, t + i : t + i + 1], kp, v, t + i, t + S - 1, held, cfg, rope, ctx.scale)
             torch.testing.assert_close(out[:, :, i : i + 1], ref, atol=1e-5, rtol=1e-5)
+            for h in range(4):
+                assert torch.equal(layer.attended[0, h, i].nonzero().flatten(), seen)
         t += S
     assert layer.seq_length == N
     assert layer.stats()["evicted"] > 0
