@@ -21,7 +21,8 @@ Decode steps of the three contenders run interleaved (one of each per round, med
   append (the fastest plain-torch dense decode: a lower bound for dense).
 
 Wall time is the headline (``decode_ms``); process CPU time (``decode_cpu_ms``) is also
-reported, as it is less sensitive to other processes on a shared machine.
+reported, as it is less sensitive to other processes on a shared machine. ``--phases`` adds
+the median wall time of each part of a ShadowKV step (``phases_ms``; C++ path).
 
 Two query regimes: ``random`` draws every decode query afresh (nearly no chunk survives
 from one step to the next: the worst case for ShadowKV's reuse), ``walk`` moves the query
@@ -76,6 +77,45 @@ def factorisation_table(pre: torch.Tensor, rank: int, methods: list[str]) -> lis
     return rows
 
 
+PHASES = ("_append", "_scores_cpp", "_select_cpp", "_fill_cpp")  # the decode step's parts on the C++ path
+
+
+class PhaseTimer:
+    """Wall time of a ShadowKV layer's decode phases, per step (``--phases``).
+
+    Wraps the named methods of one layer instance (and the module's ``sparse_attention``, the
+    attention over the held keys) with timers; :meth:`close` restores them. ``_select_cpp``
+    includes ``_fill_cpp`` (the rebuild of the missed chunks runs inside the selection).
+    """
+
+    def __init__(self, layer):
+        from longctx.backends import shadowkv as skv_module
+
+        self.times: dict[str, list[float]] = {}
+        self._layer, self._module = layer, skv_module
+        self._attention = skv_module.sparse_attention
+        for name in PHASES:
+            setattr(layer, name, self._timed(name, getattr(layer, name)))
+        skv_module.sparse_attention = self._timed("attention", self._attention)
+
+    def _timed(self, name, fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            self.times.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        return timed
+
+    def medians(self, skip: int) -> dict[str, float]:
+        return {name: round(statistics.median(ts[skip:]), 3) for name, ts in self.times.items() if len(ts) > skip}
+
+    def close(self) -> None:
+        for name in PHASES:
+            self._layer.__dict__.pop(name, None)
+        self._module.sparse_attention = self._attention
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     H, Hkv, D, T = args.num_heads, args.num_kv_heads, args.head_dim, args.context
@@ -111,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 state["q"] = torch.randn(1, H, 1, D, generator=gen)
 
+        timer = PhaseTimer(sk) if args.phases else None
         times: dict[str, list[float]] = {"shadowkv": [], "dense": [], "dense-matmul": []}
         cpu: dict[str, list[float]] = {name: [] for name in times}
         for step in range(args.warmup + args.repeats):
@@ -129,6 +170,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if step >= args.warmup:
                     times[name].append((time.perf_counter() - t0) * 1e3)
                     cpu[name].append((time.process_time() - c0) * 1e3)
+        if timer is not None:
+            timer.close()
+            result[f"phases_ms[{regime}]"] = timer.medians(args.warmup)
+            logger.info("%s queries, decode phases (median ms): %s", regime, result[f"phases_ms[{regime}]"])
         st = sk.stats()
         med = {name: round(statistics.median(ts), 2) for name, ts in times.items()}
         result[f"decode_ms[{regime}]"] = med
@@ -179,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--factorisation-context", type=int, default=0,
                    help="also time gram/svd/lowrank on this many tokens (0: skip)")
     p.add_argument("--factorisation-only", action="store_true", help="only the factorisation table, at --context")
+    p.add_argument("--phases", action="store_true",
+                   help="also time the decode step's phases (scoring, selection + rebuild, rebuild, attention)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     bad = [r for r in args.queries if r not in ("random", "walk")]
