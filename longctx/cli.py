@@ -171,6 +171,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         rest = [a for a in argv[2:] if a != "--"]
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return int(importlib.import_module(_BENCH_MODES[mode]).main(rest) or 0)
+    if argv[:1] == ["train-tiny"]:
+        # every later argument belongs to the training script's own parser (argparse's REMAINDER
+        # does not take a leading "--option")
+        from longctx.tiny import train_tiny_main
+
+        return int(train_tiny_main([a for a in argv[1:] if a != "--"]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

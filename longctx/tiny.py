@@ -585,7 +585,8 @@ class Stage:
     ``extra_questions``: further question/answer turns per NIAH sample; ``copy_only``: copy text
     only (the induction warm-up); ``aux_weight``: weight of the :class:`PrevTokenProbes` loss;
     ``mix``: this stage's (task, weight) pairs instead of the run's mixture; ``final_weight``: loss
-    weight of the last token of every copied span (see :func:`final_token_weights`).
+    weight of the last token of every copied span, ``first_weight``: of the first digit of every
+    value (see :func:`final_token_weights`).
     """
 
     steps: int
@@ -598,6 +599,7 @@ class Stage:
     aux_weight: float = 0.0
     mix: Optional[tuple] = None
     final_weight: float = 1.0
+    first_weight: float = 1.0
 
 
 # The recipe (third attempt, issue 7, on an idle 2-core CPU, ~30 min): (0) copy text only, with
@@ -640,6 +642,21 @@ POLISH = [
     Stage(steps=100, min_len=1024, max_len=4096, batch_size=1, extra_questions=2, mix=POLISH_MIX, final_weight=10.0),
 ]
 
+# Key matching (a follow-up after the polish, issue 7): the polished model copies a whole value
+# but picks the needle at random among distractors (multikey_2: the value of another key, 9 of 10
+# prompts at 1K). Short prompts (few needles), the tasks with distractor keys, and the first digit
+# of every value (the one token that depends on the key) weighted 10x.
+KEYMATCH_MIX = (
+    ("niah_single_1", 0.5), ("niah_multikey_1", 1.0), ("niah_multikey_2", 2.0), ("niah_multikey_3", 1.0),
+    ("niah_multivalue", 1.0), ("niah_multiquery", 1.5),
+)
+KEYMATCH = [
+    Stage(steps=600, min_len=128, max_len=512, batch_size=8, pose_prob=0.2, extra_questions=2, mix=KEYMATCH_MIX,
+          final_weight=10.0, first_weight=10.0),
+    Stage(steps=100, min_len=1024, max_len=4096, batch_size=1, extra_questions=2, mix=KEYMATCH_MIX,
+          final_weight=10.0, first_weight=10.0),
+]
+
 
 class PrevTokenProbes(torch.nn.Module):
     """Training-only probes: linear maps from the first decoder layer's output to the tokens 1..k back.
@@ -665,19 +682,26 @@ class PrevTokenProbes(torch.nn.Module):
         return total / len(self.heads)
 
 
-def final_token_weights(target: torch.Tensor, digit_ids: torch.Tensor, weight: float) -> torch.Tensor:
-    """``[B, S]`` loss weights: ``weight`` on the last token of each copied span, 1 elsewhere.
+def final_token_weights(target: torch.Tensor, digit_ids: torch.Tensor, weight: float,
+                        first_weight: float = 1.0) -> torch.Tensor:
+    """``[B, S]`` loss weights: ``weight`` on the last token of each copied span, ``first_weight``
+    on the first digit of each value, 1 elsewhere.
 
     A span ends where the next label is ignored (copy text: the end of a repeat) or where a digit
     is followed by a non-digit (the last digit of a needle's value). The induction circuit these
     models form reads a copied token from the position after it in the source (which sees it as
     its previous token), so a span's last token, whose source successor is arbitrary, was the one
     it failed to copy: the shipped first-attempt models guessed the 7th digit of every value.
+    A value's first digit (a digit whose previous label is not one) is the only token that needs
+    the right needle; the rest follow from it by induction, so among distractor needles it
+    carries the whole key-matching signal.
     """
     nxt = F.pad(target[:, 1:], (0, 1), value=-100)
-    digit, nxt_digit = torch.isin(target, digit_ids), torch.isin(nxt, digit_ids)
+    prev = F.pad(target[:, :-1], (1, 0), value=-100)
+    digit, nxt_digit, prev_digit = (torch.isin(t, digit_ids) for t in (target, nxt, prev))
     final = (target != -100) & ((nxt == -100) | (digit & ~nxt_digit))
-    return 1.0 + (weight - 1.0) * final.float()
+    first = digit & ~prev_digit
+    return 1.0 + (weight - 1.0) * final.float() + (first_weight - 1.0) * (first & ~final).float()
 
 
 def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenProbes] = None, pad_id: int = 0,
@@ -752,8 +776,9 @@ def train(
         stream.copy_only = stage.copy_only
         stream.set_mix(stage.mix or base_mix)
         weights_fn = None
-        if stage.final_weight != 1.0:
-            weights_fn = functools.partial(final_token_weights, digit_ids=digit_ids, weight=stage.final_weight)
+        if stage.final_weight != 1.0 or stage.first_weight != 1.0:
+            weights_fn = functools.partial(final_token_weights, digit_ids=digit_ids, weight=stage.final_weight,
+                                           first_weight=stage.first_weight)
         for _ in range(stage.steps):
             ids, labels, pos = make_batch(stream, stage.batch_size, stage.min_len, stage.max_len, stage.pose_prob,
                                           max_position, tokenizer.pad_token_id, stage.extra_questions)
@@ -928,6 +953,10 @@ def _parse(argv):
                    help="run only the polish curriculum (with --init-from the end of the main one)")
     p.add_argument("--continuation-only", action="store_true",
                    help="run only the continuation curriculum (with --init-from the end of the main one)")
+    p.add_argument("--keymatch", action="store_true",
+                   help="after the polish, run the key-matching curriculum (first value digit weighted)")
+    p.add_argument("--keymatch-only", action="store_true",
+                   help="run only the key-matching curriculum (with --init-from the polished models)")
     p.add_argument("--stop-after-stage", type=int, default=3,
                    help="end the main curriculum after this stage; its learning-rate schedule still spans all "
                         "stages (default 3, then the polish: the shipped checkpoint; 4 adds the 4-16K stage, "
@@ -984,14 +1013,16 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                 save_model(m, tok, out / f"tiny-{n}")
             logger.info("stage %d done after %.1f min; saved to %s", si, (time.time() - t0) / 60, out)
 
-        if not (args.continuation_only or args.polish_only):
+        if not (args.continuation_only or args.polish_only or args.keymatch_only):
             train(models, tok, curriculum, seed=args.seed + args.from_stage, lr=args.lr, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=30,
                   stop_after_stage=args.stop_after_stage)
         # follow-up curricula: each a fresh optimizer at half the learning rate and its own seeded stream
         follow_ups = [
             ("continuation", CONTINUATION, 100, args.continuation or args.continuation_only),
-            ("polish", POLISH, 200, (args.polish and not args.continuation_only) or args.polish_only),
+            ("polish", POLISH, 200,
+             (args.polish and not (args.continuation_only or args.keymatch_only)) or args.polish_only),
+            ("keymatch", KEYMATCH, 300, args.keymatch or args.keymatch_only),
         ]
         for name, stages, seed_offset, wanted in follow_ups:
             if not wanted:

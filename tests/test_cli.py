@@ -55,3 +55,21 @@ def test_help_lists_commands(capsys):
     text = capsys.readouterr().out
     for cmd in ("generate", "bench", "diagnose", "demo"):
         assert cmd in text
+
+
+@pytest.mark.parametrize("argv", [["train-tiny", "--help"], ["train-tiny", "--", "--help"]])
+def test_train_tiny_passes_its_options_to_the_script(argv, capsys):
+    """`longctx train-tiny --threads 2 ...` as the README and model card write it: every option
+    reaches the training script's parser (argparse's REMAINDER used to reject a leading option)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--threads" in text and "--keymatch" in text
+
+
+def test_train_tiny_rejects_unknown_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train-tiny", "--no-such-option"])
+    assert exc.value.code == 2
+    assert "--no-such-option" in capsys.readouterr().err

@@ -133,6 +133,10 @@ def test_final_token_weights_mark_span_ends():
     want[1, 3] = want[1, 4] = want[1, 10] = 5.0  # last digit, span end, last token of the row
     assert torch.equal(w, want)
     assert torch.equal(tiny.final_token_weights(target, digits, 1.0), torch.ones_like(w))
+    # first digits of values (a digit whose previous label is not one): [0, 5] and [1, 2]
+    w = tiny.final_token_weights(target, digits, 5.0, first_weight=3.0)
+    want[0, 5] = want[1, 2] = 3.0
+    assert torch.equal(w, want)
 
 
 def test_extra_questions_ask_other_needles():
