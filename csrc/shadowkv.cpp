@@ -52,8 +52,8 @@ namespace {
 constexpr int64_t kScoreBlock = 512;  // landmarks per work item: a [GS, 512] fp32 logit tile stays in L1
 constexpr int64_t kChunkTile = 8;     // chunks per work item of the rebuild
 constexpr int64_t kSelectSample = 1024;  // scores sampled per row for the top-K threshold
-constexpr int64_t kLandmarkTile = 64;
-constexpr int64_t kPrefetchTiles = 2;  // landmark tiles read ahead by the scorer  // chunks per landmark tile ([D, 64] contiguous)
+constexpr int64_t kLandmarkTile = 64;   // chunks per landmark tile ([D, 64] contiguous)
+constexpr int64_t kPrefetchTiles = 2;   // landmark tiles read ahead by the scorer
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
