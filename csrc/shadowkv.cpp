@@ -506,6 +506,7 @@ Strided4 writable_view(py::array& a, const char* name, int64_t d0, int64_t d1, i
 // Everything the rebuild loop needs, validated once (no throwing inside OpenMP).
 struct RebuildPlan {
   int64_t rows, M, N, C, D, B, Tc, r, Cs, Cc, R, K;
+  bool table;  // cos/sin are [B, N, R/2] tables at every chunk start (rotate-half: both halves equal)
   Strided4 ok, ov;
   const int64_t *cp, *sp, *np;
   const float *csp, *snp, *vp;
@@ -547,13 +548,23 @@ RebuildPlan plan_rebuild(int64_t u_rows, int64_t r, int64_t sv_count, int64_t sv
                           std::to_string(p.D) + "] (got " + std::to_string(sv_count) + " matrices of " +
                           std::to_string(sv_r) + " x " + std::to_string(sv_d) + ")");
   p.Cs = sv_count / p.rows;  // 1: one SV per KV head; C: one per in-chunk offset (folded RoPE)
-  if (cos.ndim() != 4 || cos.shape(0) != p.rows || cos.shape(1) != p.M || (cos.shape(2) != 1 && cos.shape(2) != p.C) ||
+  if (cos.ndim() == 3) {  // chunk-start tables, indexed by (batch, chunk id)
+    if (p.Cs != p.C || cos.shape(0) != p.B || cos.shape(1) != p.N || 2 * cos.shape(2) > p.D || sin.ndim() != 3 ||
+        sin.shape(0) != cos.shape(0) || sin.shape(1) != cos.shape(1) || sin.shape(2) != cos.shape(2))
+      throw py::value_error("shadowkv_rebuild: cos/sin tables require [B, N, R/2] with 2 * (R/2) <= D and one SV per "
+                            "in-chunk offset (got " + shape_of(cos) + " and " + shape_of(sin) + ")");
+    p.table = true;
+    p.Cc = 1;
+    p.R = 2 * cos.shape(2);
+  } else if (cos.ndim() != 4 || cos.shape(0) != p.rows || cos.shape(1) != p.M || (cos.shape(2) != 1 && cos.shape(2) != p.C) ||
       cos.shape(3) > p.D || cos.shape(3) % 2 || sin.ndim() != 4 || sin.shape(0) != cos.shape(0) ||
       sin.shape(1) != cos.shape(1) || sin.shape(2) != cos.shape(2) || sin.shape(3) != cos.shape(3))
-    throw py::value_error("shadowkv_rebuild: cos and sin require [rows, M, 1 or C, R] with R even and <= D (got " +
-                          shape_of(cos) + " and " + shape_of(sin) + ")");
-  p.Cc = cos.shape(2);
-  p.R = cos.shape(3);
+    throw py::value_error("shadowkv_rebuild: cos and sin require [rows, M, 1 or C, R] with R even and <= D, or "
+                          "[B, N, R/2] tables (got " + shape_of(cos) + " and " + shape_of(sin) + ")");
+  else {
+    p.Cc = cos.shape(2);
+    p.R = cos.shape(3);
+  }
   p.K = out_k.ndim() == 4 ? out_k.shape(1) : 0;
   p.ok = writable_view(out_k, "out_k", p.rows, p.K, p.C, p.D);
   p.ov = writable_view(out_v, "out_v", p.rows, p.K, p.C, p.D);
@@ -717,14 +728,17 @@ void run_rebuild(const RebuildPlan& p, const T* up, const T* svp, int threads) {
         // -- RoPE on the first R dims, then write into the slot
         for (int64_t i = 0; i < nt; ++i) {
           const float* ai = acc.data() + i * D;
-          const int64_t t = ((row * M + j0 + i) * p.Cc + (p.Cc > 1 ? c : 0)) * R;
+          // the second half's angles: the table's only half, or the full row's second half
+          const int64_t t = p.table ? (b * p.N + ch[i]) * h : ((row * M + j0 + i) * p.Cc + (p.Cc > 1 ? c : 0)) * R;
           const float* cs = p.csp + t;
           const float* sn = p.snp + t;
+          const float* cs2 = p.table ? cs : cs + h;
+          const float* sn2 = p.table ? sn : sn + h;
           float* dst = p.ok.data + row * p.ok.s0 + sl[i] * p.ok.s1 + c * p.ok.s2;
 #pragma omp simd
           for (int64_t d = 0; d < h; ++d) dst[d] = ai[d] * cs[d] - ai[d + h] * sn[d];
 #pragma omp simd
-          for (int64_t d = h; d < R; ++d) dst[d] = ai[d] * cs[d] + ai[d - h] * sn[d];
+          for (int64_t d = 0; d < h; ++d) dst[h + d] = ai[h + d] * cs2[d] + ai[d] * sn2[d];
           for (int64_t d = R; d < D; ++d) dst[d] = ai[d];
           // -- the chunk's value row c, host tier -> slot
           if (!whole_chunks)
@@ -785,7 +799,9 @@ void register_shadowkv(py::module_& m) {
         py::arg("num_kv_heads"), py::arg("num_threads") = 0,
         "Rebuild missed chunks in place: out_k[row, slot] = RoPE(U[chunk rows] @ SV), out_v[row, slot] = v_src[row, chunk]\n"
         "for entries j < counts[row]. u [B*Tc, r], sv [rows or rows*C, r, D], chunks/slots [rows, M] int64,\n"
-        "counts [rows], cos/sin [rows, M, 1 or C, R], out_k/out_v [rows, K, C, D] (strided), v_src [rows, N, C, D].");
+        "counts [rows], cos/sin [rows, M, 1 or C, R] or (with one SV per in-chunk offset) [B, N, R/2] tables at\n"
+        "every chunk start (rotate-half: the second half repeats the first), out_k/out_v [rows, K, C, D] (strided),\n"
+        "v_src [rows, N, C, D].");
   m.def("shadowkv_rebuild_bf16", &shadowkv_rebuild_bf16, py::arg("u"), py::arg("sv2"), py::arg("chunks"), py::arg("slots"),
         py::arg("counts"), py::arg("cos"), py::arg("sin"), py::arg("out_k"), py::arg("v_src"), py::arg("out_v"),
         py::arg("num_kv_heads"), py::arg("num_threads") = 0,

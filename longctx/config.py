@@ -152,8 +152,8 @@ class ShadowKVConfig(BackendConfig):
         with AMX) or AVX512-BF16 pair dot products, accumulating in fp32, and the rebuilt keys
         carry bf16 rounding (~0.4% relative, far below the rank truncation error). On the 2-core
         AMX CPU of BENCHMARKS.md, bf16 landmarks + factors are the fastest CPU configuration
-        (a decode step at 128K takes 25-40% less time than with fp32 storage: 6.9x faster
-        than dense decode there, against 5.2x).
+        (a decode step at 128K takes 20-35% less time than with fp32 storage: 7.3x faster
+        than dense decode there, against 5.6x).
     """
 
     sparse_budget: int = 2048

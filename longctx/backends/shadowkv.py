@@ -712,7 +712,9 @@ class ShadowKVLayer(BackendLayer):
         Tc = self.u.shape[1]
         sv = self._offset_rotated_sv()
         if sv is not None:  # cos/sin at the chunk starts only (offset rotation folded into SV)
-            cos, sin = self._chunk_start_cos_sin(chunks)
+            # rotate-half tables go to the kernel whole ([B, N, R/2], indexed by chunk id); others gathered
+            tables = self._start_tables()
+            cos, sin = tables if self._start_cs_halves else self._chunk_start_cos_sin(chunks)
         else:
             tok = (chunks.unsqueeze(-1) * C + torch.arange(C)).view(B, Hkv * M * C)
             pos = self.pos_ctx.gather(1, tok).view(rows, M * C)
@@ -741,7 +743,17 @@ class ShadowKVLayer(BackendLayer):
         """
         B, Hkv, M = chunks.shape
         N = self.n_chunks
+        flat = (chunks + (torch.arange(B, device=chunks.device) * N).view(B, 1, 1)).view(-1)
+        out = []
+        for tab in self._start_tables():
+            t = tab.view(B * N, -1).index_select(0, flat)
+            out.append((torch.cat([t, t], -1) if self._start_cs_halves else t).view(B * Hkv, M, 1, -1))
+        return out[0], out[1]
+
+    def _start_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[B, N, R/2]`` (rotate-half) or ``[B, N, R]`` fp32 at every chunk start, built once."""
         if self._start_cs is None:
+            B, N = self.pos_ctx.shape[0], self.n_chunks
             starts = self.pos_ctx.view(B, N, self.config.chunk_size)[..., 0]
             cos, sin = (t[:, 0].float() for t in self.rotary.cos_sin(starts, self.k_buf))  # [B, N, R]
             h = cos.shape[-1] // 2
@@ -749,12 +761,7 @@ class ShadowKVLayer(BackendLayer):
                                                      and (sin[..., :h] == sin[..., h:]).all())
             self._start_cs = (cos[..., :h].contiguous(), sin[..., :h].contiguous()) if halves else (cos, sin)
             self._start_cs_halves = halves
-        flat = (chunks + (torch.arange(B, device=chunks.device) * N).view(B, 1, 1)).view(-1)
-        out = []
-        for tab in self._start_cs:
-            t = tab.view(B * N, -1).index_select(0, flat)
-            out.append((torch.cat([t, t], -1) if self._start_cs_halves else t).view(B * Hkv, M, 1, -1))
-        return out[0], out[1]
+        return self._start_cs
 
     def _sv_pairs(self, sv: torch.Tensor) -> torch.Tensor:
         """``[X, r/2, D, 2]`` bf16: ``sv`` (``[X, r, D]``) interleaved over pairs of rank rows, cached per source."""

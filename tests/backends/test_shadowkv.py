@@ -687,3 +687,38 @@ def test_cpp_select_large_rows_match_full_top_k(gen, case):
         ids = sorted(range(N), key=lambda n: (-float(key[r, n]), n))[:K]
         assert int(counts[r]) == K
         assert set(chunks[r].tolist()) == set(ids)
+
+
+def test_cpp_rebuild_chunk_start_tables_match_gathered(gen):
+    """cos/sin given as [B, N, R/2] tables at every chunk start (indexed by chunk id in the kernel)
+    rebuild the same keys as the same angles gathered per chunk as [rows, M, 1, R] (rotate-half)."""
+    from longctx.ops import cpp_available
+
+    if not cpp_available():
+        pytest.skip("longctx._C not built")
+    from longctx import _C
+
+    B, Hkv, C, Nc, r, D, K, M = 2, 2, 4, 30, 16, 32, 12, 10
+    rows, h = B * Hkv, 12  # R = 24 rotated dims of 32 (partial rotary)
+    u = torch.randn(B * Nc * C, r, generator=gen)
+    sv = torch.randn(rows * C, r, D, generator=gen)  # one SV per in-chunk offset (folded RoPE)
+    chunks = torch.stack([torch.randperm(Nc, generator=gen)[:M] for _ in range(rows)])
+    slots = torch.stack([torch.randperm(K, generator=gen)[:M] for _ in range(rows)])
+    counts = torch.tensor([10, 3, 7, 0])
+    cos_t, sin_t = torch.randn(B, Nc, h, generator=gen), torch.randn(B, Nc, h, generator=gen)
+    b_of_row = torch.arange(rows) // Hkv
+    gathered = [torch.cat([t[b_of_row.unsqueeze(1), chunks]] * 2, -1).unsqueeze(2).contiguous() for t in (cos_t, sin_t)]
+    v_src = torch.randn(rows, Nc, C, D, generator=gen)
+    outs = []
+    for cos, sin in (gathered, (cos_t, sin_t)):
+        ok, ov = torch.zeros(rows, K, C, D), torch.zeros(rows, K, C, D)
+        _C.shadowkv_rebuild(u.numpy(), sv.numpy(), chunks.numpy(), slots.numpy(), counts.numpy(), cos.numpy(),
+                            sin.numpy(), ok.numpy(), v_src.numpy(), ov.numpy(), Hkv, 2)
+        outs.append((ok, ov))
+    assert outs[0][0].abs().sum() > 0
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(outs[1][1], outs[0][1])
+    with pytest.raises(ValueError, match="tables require"):
+        _C.shadowkv_rebuild(u.numpy(), sv.numpy(), chunks.numpy(), slots.numpy(), counts.numpy(),
+                            cos_t[:, :-1].contiguous().numpy(), sin_t[:, :-1].contiguous().numpy(), ok.numpy(),
+                            v_src.numpy(), ov.numpy(), Hkv, 1)
