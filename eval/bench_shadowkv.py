@@ -15,7 +15,8 @@ Decode steps of the three contenders run interleaved (one of each per round, med
 ``--repeats``), so that load from other processes hits them alike:
 
 - ``shadowkv``: :class:`~longctx.backends.shadowkv.ShadowKVLayer` ``.decode`` (defaults:
-  budget 2048, rank 160, chunk 8, 48 outlier chunks, 32 local tokens);
+  budget 2048, rank 160, chunk 8, 48 outlier chunks, 32 local tokens, bf16 landmarks, factors in the
+  keys' dtype);
 - ``dense``: :class:`~longctx.backends.dense.DenseLayer` ``.decode`` (append + attention);
 - ``dense-matmul``: grouped matmul + softmax + matmul over the contiguous prompt K/V, no
   append (the fastest plain-torch dense decode: a lower bound for dense).
@@ -132,8 +133,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return result
     del pre
     v = torch.randn(1, Hkv, T, D, generator=gen)
-    opts = dict(sparse_budget=args.sparse_budget, rank=args.rank, svd_method=args.svd_method,
-                landmark_dtype=args.landmark_dtype, factor_dtype=args.factor_dtype)
+    opts = dict(sparse_budget=args.sparse_budget, rank=args.rank, svd_method=args.svd_method)
+    for name in ("landmark_dtype", "factor_dtype"):  # given: that dtype ('keys' = None); else the config's
+        value = getattr(args, name)
+        if value is not None:
+            opts[name] = None if value == "keys" else value
     sk = make_layer("shadowkv", ctx, **opts)
     t0 = time.perf_counter()
     sk.compress(k, v, pos)
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dense = make_layer("dense", ctx)
     dense.prefill(torch.randn(1, H, 1, D, generator=gen), k, v, pos)  # last prompt query only: builds the cache
 
-    result["options"] = opts
+    result["options"] = {**opts, "landmark_dtype": sk.config.landmark_dtype, "factor_dtype": sk.config.factor_dtype}
     for regime in args.queries:
         state = {"q": torch.randn(1, H, 1, D, generator=gen)}
 
@@ -213,8 +217,11 @@ def main(argv=None) -> int:
     p.add_argument("--sparse-budget", type=int, default=2048)
     p.add_argument("--rank", type=int, default=160)
     p.add_argument("--svd-method", default="gram", choices=["gram", "svd", "lowrank"])
-    p.add_argument("--landmark-dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--factor-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    dtypes = ["float32", "bfloat16", "float16", "keys"]
+    p.add_argument("--landmark-dtype", default=None, choices=dtypes,
+                   help="landmark storage (default: ShadowKVConfig's, bfloat16; 'keys': the keys' dtype)")
+    p.add_argument("--factor-dtype", default=None, choices=dtypes,
+                   help="U/SV storage (default: ShadowKVConfig's, the keys' dtype)")
     p.add_argument("--queries", default="random,walk", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated query regimes: random, walk")
     p.add_argument("--repeats", type=int, default=7)
