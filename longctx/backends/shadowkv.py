@@ -735,23 +735,20 @@ class ShadowKVLayer(BackendLayer):
         )
 
     def _chunk_start_cos_sin(self, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[B*Hkv, M, 1, R]`` fp32 at the first position of ``chunks`` (``[B, Hkv, M]``).
-
-        Gathered from a table of every chunk start, built once from the model's rotary (the
-        values :meth:`RotaryHelper.cos_sin` gives, without its per-step cost). Rotate-half
-        tables repeat their first half, so only that half is stored (~0.8% of the dense KV).
-        """
+        """``(cos, sin)`` ``[B*Hkv, M, 1, R]`` fp32 at the first position of ``chunks`` (``[B, Hkv, M]``),
+        gathered from the full-width tables of :meth:`_start_tables` (rotaries whose tables are not
+        two equal halves; rotate-half tables go to the kernel whole)."""
         B, Hkv, M = chunks.shape
         N = self.n_chunks
         flat = (chunks + (torch.arange(B, device=chunks.device) * N).view(B, 1, 1)).view(-1)
-        out = []
-        for tab in self._start_tables():
-            t = tab.view(B * N, -1).index_select(0, flat)
-            out.append((torch.cat([t, t], -1) if self._start_cs_halves else t).view(B * Hkv, M, 1, -1))
-        return out[0], out[1]
+        cos, sin = (tab.view(B * N, -1).index_select(0, flat).view(B * Hkv, M, 1, -1) for tab in self._start_tables())
+        return cos, sin
 
     def _start_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[B, N, R/2]`` (rotate-half) or ``[B, N, R]`` fp32 at every chunk start, built once."""
+        """cos/sin ``[B, N, R/2]`` (rotate-half) or ``[B, N, R]`` fp32 at every chunk start, built once
+        from the model's rotary (the values :meth:`RotaryHelper.cos_sin` gives, without its per-step
+        cost). Rotate-half tables repeat their first half, so only that half is stored (~0.8% of the
+        dense KV) and ``_start_cs_halves`` says so."""
         if self._start_cs is None:
             B, N = self.pos_ctx.shape[0], self.n_chunks
             starts = self.pos_ctx.view(B, N, self.config.chunk_size)[..., 0]
