@@ -93,10 +93,15 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_tiny(args: argparse.Namespace) -> int:
+def run_train_tiny(rest: list[str]) -> int:
+    """The training script with its own arguments (a ``--`` separator is dropped)."""
     from longctx.tiny import train_tiny_main
 
-    return int(train_tiny_main(args.rest) or 0)
+    return int(train_tiny_main([a for a in rest if a != "--"]) or 0)
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    return run_train_tiny(args.rest)
 
 
 def _mount_optional(sub, module: str, attr: str) -> None:
@@ -174,9 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["train-tiny"]:
         # every later argument belongs to the training script's own parser (argparse's REMAINDER
         # does not take a leading "--option")
-        from longctx.tiny import train_tiny_main
-
-        return int(train_tiny_main([a for a in argv[1:] if a != "--"]) or 0)
+        return run_train_tiny(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
