@@ -23,6 +23,7 @@ Run ``python -m longctx.tiny --help`` (mounted as ``longctx train-tiny``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -240,6 +241,8 @@ class Sample:
     prompt: str
     answer: str
     outputs: list[str]
+    answer_values: list[str] = dataclasses.field(default_factory=list)  # every value in ``answer``, in order
+    answer_keys: list[str] = dataclasses.field(default_factory=list)  # ... and the key each one answers
 
 
 def niah_sample(
@@ -317,6 +320,8 @@ def niah_sample(
     # other needles only (never the question just asked: its answer could be copied from the turn above)
     pool = [(keys[i], values[i]) for i in range(k) if v == 1 and i not in order] + distractors
     asked = rng.sample(pool, min(extra_questions, len(pool))) if extra_questions > 0 else []
+    answer_values = list(outputs)
+    answer_keys = [query_keys[0]] * len(outputs) if v > 1 else list(query_keys)
     for qk, qv in asked:
         qv = qv if isinstance(qv, str) else qv[0]
         single = (
@@ -324,12 +329,15 @@ def niah_sample(
             " The special magic {t} for {k} mentioned in the provided text is"
         ).format(t=type_v[:-1], k=qk)
         answer += single + " " + qv + "."
+        answer_values.append(qv)
+        answer_keys.append(qk)
     if chat:
         split = task_text.rfind(NIAH_ANSWER_PREFIX.format(type_needle_v=tv, query=_join_query(query_keys))[:10])
         prompt = "<|user|>\n" + task_text[:split] + "</s>\n<|assistant|>\n" + task_text[split:]
     else:
         prompt = task_text
-    return Sample(prompt=prompt, answer=answer, outputs=outputs)
+    return Sample(prompt=prompt, answer=answer, outputs=outputs, answer_values=answer_values,
+                  answer_keys=answer_keys)
 
 
 def vt_sample(rng: random.Random, n_lines: int, num_hops: int = 4) -> Sample:
@@ -485,6 +493,8 @@ class SampleStream:
         self.digit_ids = tokenizer.convert_tokens_to_ids(list("0123456789"))
         self.last_tasks: list[str] = []
         self.copy_only = False  # a stage of pure copy text (the induction warm-up)
+        self.want_spans = False  # record retrieval targets (tiny_retrieval.answer_spans) per sample
+        self.last_spans: list[dict] = []
 
     def set_mix(self, mix: Sequence[tuple[str, float]]) -> None:
         """Draw tasks from ``mix`` ((task, weight) pairs) from now on."""
@@ -518,6 +528,15 @@ class SampleStream:
             labels += lab
         return ids[:n_tokens], labels[:n_tokens]
 
+    def _spans(self, s: Sample) -> dict[str, list[tuple[int, int, int]]]:
+        from longctx.tiny_retrieval import answer_targets
+
+        p = self.tok(s.prompt, return_offsets_mapping=True)["offset_mapping"]
+        a = self.tok(s.answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        n = len(s.prompt)
+        offsets = list(p) + [(x + n, y + n) for x, y in a]
+        return answer_targets(s.prompt + s.answer, offsets, n, s.answer_values, s.answer_keys)
+
     def sample(self, n_tokens: int, extra_questions: int = 0) -> tuple[list[int], list[int]]:
         """Return ``(input_ids, labels)`` of at most ``n_tokens`` tokens; labels are -100 off the answers."""
         rng = self.rng
@@ -525,6 +544,7 @@ class SampleStream:
         if self.copy_only:  # drawn anyway: the random stream does not depend on the stage kind
             task = "copy"
         self.last_tasks.append(task)
+        self.last_spans.append({})
         if task == "copy":
             return self._copy(n_tokens)
         # extra question turns take ~45 tokens each: leave room so the first draw usually fits
@@ -546,6 +566,8 @@ class SampleStream:
                 self.last_tasks[-1] = "copy"
                 return self._copy(n_tokens)
             if n <= n_tokens or (units <= 1 and extra_questions == 0):
+                if self.want_spans and task != "vt":
+                    self.last_spans[-1] = self._spans(s)
                 return p + a, [-100] * len(p) + a
             rng.setstate(state)
             if units > 1:
@@ -560,6 +582,7 @@ def make_batch(stream: SampleStream, batch_size: int, min_len: int, max_len: int
     once (PoSE) so that relative distances up to ``max_position`` are seen at short lengths."""
     rng = stream.rng
     stream.last_tasks = []
+    stream.last_spans = []
     seqs = [stream.sample(rng.randint(min_len, max_len), extra_questions) for _ in range(batch_size)]
     L = max(len(s[0]) for s in seqs)
     ids = torch.full((batch_size, L), pad_id, dtype=torch.long)
@@ -586,7 +609,8 @@ class Stage:
     only (the induction warm-up); ``aux_weight``: weight of the :class:`PrevTokenProbes` loss;
     ``mix``: this stage's (task, weight) pairs instead of the run's mixture; ``final_weight``: loss
     weight of the last token of every copied span, ``first_weight``: of the first digit of every
-    value (see :func:`final_token_weights`).
+    value (see :func:`final_token_weights`); ``retrieval_weight``: weight of the retrieval
+    supervision (:mod:`longctx.tiny_retrieval`: the best head's attention on the right needle).
     """
 
     steps: int
@@ -600,6 +624,7 @@ class Stage:
     mix: Optional[tuple] = None
     final_weight: float = 1.0
     first_weight: float = 1.0
+    retrieval_weight: float = 0.0
 
 
 # The recipe (third attempt, issue 7, on an idle 2-core CPU, ~30 min): (0) copy text only, with
@@ -659,6 +684,22 @@ KEYMATCH = [
 ]
 
 
+# Retrieval supervision (issue 7, fifth session): the polished model's retrieval head spreads its
+# attention evenly over a haystack of needles (multikey_2), so it answers with a random needle's
+# value. These steps add the loss of longctx.tiny_retrieval: at each position that predicts a
+# value's first token, the best head (layers 1..L-1) should attend to the needle holding it.
+RETRIEVAL_MIX = (
+    ("niah_single_1", 1.0), ("niah_single_2", 0.5), ("niah_multikey_1", 0.5), ("niah_multikey_2", 2.0),
+    ("niah_multikey_3", 1.0), ("niah_multivalue", 1.0), ("niah_multiquery", 1.5),
+)
+RETRIEVAL = [
+    Stage(steps=500, min_len=128, max_len=512, batch_size=8, pose_prob=0.2, extra_questions=2, mix=RETRIEVAL_MIX,
+          final_weight=10.0, first_weight=5.0, retrieval_weight=1.0),
+    Stage(steps=100, min_len=1024, max_len=4096, batch_size=1, extra_questions=2, mix=RETRIEVAL_MIX,
+          final_weight=10.0, first_weight=5.0, retrieval_weight=1.0),
+]
+
+
 class PrevTokenProbes(torch.nn.Module):
     """Training-only probes: linear maps from the first decoder layer's output to the tokens 1..k back.
 
@@ -705,13 +746,41 @@ def final_token_weights(target: torch.Tensor, digit_ids: torch.Tensor, weight: f
     return 1.0 + (weight - 1.0) * final.float() + (first_weight - 1.0) * (first & ~final).float()
 
 
+def supervised_heads(config) -> dict[str, tuple[int, int]]:
+    """The ``(layer, head)`` trained for each role of :func:`longctx.tiny_retrieval.answer_targets`.
+
+    ``gather`` (collect the key's tokens) is a head of the second layer (the first in a two-layer
+    model); ``match`` (read a value's first token from the needle whose gathered key matches) and
+    ``copy`` (read the value's next tokens) are heads of the last layer with different KV heads
+    where the model has several, so the two kinds of matching do not share keys.
+    """
+    n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
+    last = n_layers - 1
+    return {"gather": (1 if n_layers > 2 else 0, n_heads // 2), "match": (last, n_heads // 2), "copy": (last, 0)}
+
+
 def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenProbes] = None, pad_id: int = 0,
-          weights_fn=None):
+          weights_fn=None, spans=None, key_probe=None):
     """Weighted mean over sequences of each sequence's mean token loss, the probes' loss (0 without
-    probes), and the per-sequence losses [B]; ``weights_fn(target)`` gives per-token weights."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and ids.device.type == "cpu"):
-        out = model(input_ids=ids, position_ids=pos, output_hidden_states=probes is not None)
+    probes), the retrieval loss (0 without ``spans``; plus ``key_probe``'s loss when given) and the
+    per-sequence losses [B]; ``weights_fn(target)`` gives per-token weights; ``spans`` are the
+    per-row retrieval targets."""
+    from longctx.tiny_retrieval import capturing, contrast_loss, retrieval_loss
+
+    heads = supervised_heads(model.config)
+    hidden_wanted = probes is not None or (spans is not None and key_probe is not None)
+    ctx = capturing(model) if spans is not None else contextlib.nullcontext()
+    with ctx as store, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and ids.device.type == "cpu"):
+        out = model(input_ids=ids, position_ids=pos, output_hidden_states=hidden_wanted)
         aux = probes.loss(model, out.hidden_states[1], ids, pad_id) if probes is not None else out.logits.new_zeros(())
+        ret = out.logits.new_zeros(())
+        if spans is not None and key_probe is not None:
+            gather = [row.get("gather", []) for row in spans]
+            ret = ret + key_probe.loss(model, out.hidden_states[heads["gather"][0] + 1], ids, gather)
+    if spans is not None:
+        ret = ret + sum(retrieval_loss(store, [row.get(role, []) for row in spans], layer, head)
+                        for role, (layer, head) in heads.items())
+        ret = ret + contrast_loss(store, spans, *heads["gather"])
     logits = out.logits[:, :-1].float()
     target = labels[:, 1:]
     tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [B, S-1]
@@ -720,7 +789,7 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
         mask = mask * weights_fn(target)
     n = mask.sum(1)
     per_seq = (tok_loss * mask).sum(1) / n.clamp(min=1)
-    return per_seq[n > 0].mean(), aux.float(), per_seq.detach()
+    return per_seq[n > 0].mean(), aux.float(), ret.float(), per_seq.detach()
 
 
 def train(
@@ -756,9 +825,16 @@ def train(
     digit_ids = torch.tensor(stream.digit_ids)
     total = sum(s.steps for s in curriculum)
     probes = probes or {}
+    # the key probes (longctx.tiny_retrieval.KeyProbe) come with the retrieval supervision
+    key_probes = {}
+    if any(s.retrieval_weight > 0 for s in curriculum):
+        from longctx.tiny_retrieval import KeyProbe
+
+        key_probes = {n: KeyProbe(m.config.hidden_size) for n, m in models.items()}
+    extra = {n: [p for mod in (probes.get(n), key_probes.get(n)) if mod is not None for p in mod.parameters()]
+             for n in models}
     opts = {
-        n: torch.optim.AdamW(list(m.parameters()) + (list(probes[n].parameters()) if n in probes else []), lr=lr,
-                             betas=(0.9, 0.95), weight_decay=0.01)
+        n: torch.optim.AdamW(list(m.parameters()) + extra[n], lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
         for n, m in models.items()
     }
 
@@ -773,8 +849,10 @@ def train(
     for si, stage in enumerate(curriculum):
         running = {n: 0.0 for n in models}
         aux_run = {n: 0.0 for n in models}
+        ret_run = {n: 0.0 for n in models}
         by_kind = {"copy": [0.0, 0], "niah": [0.0, 0]}  # first model's loss on copy / NIAH sequences
         stream.copy_only = stage.copy_only
+        stream.want_spans = stage.retrieval_weight > 0
         stream.set_mix(stage.mix or base_mix)
         weights_fn = None
         if stage.final_weight != 1.0 or stage.first_weight != 1.0:
@@ -787,28 +865,33 @@ def train(
                 for g in opts[n].param_groups:
                     g["lr"] = lr_at(step)
                 pr = probes.get(n) if stage.aux_weight > 0 else None
-                loss, aux, per_seq = _loss(m, ids, labels, pos, autocast, pr, tokenizer.pad_token_id, weights_fn)
+                spans = stream.last_spans if stage.retrieval_weight > 0 else None
+                loss, aux, ret, per_seq = _loss(m, ids, labels, pos, autocast, pr, tokenizer.pad_token_id, weights_fn,
+                                                spans, key_probes.get(n))
                 if n == next(iter(models)):
                     for task, v in zip(stream.last_tasks, per_seq.tolist()):
                         kind = by_kind["copy" if task == "copy" else "niah"]
                         kind[0], kind[1] = kind[0] + v, kind[1] + 1
-                (loss + stage.aux_weight * aux).backward()
+                (loss + stage.aux_weight * aux + stage.retrieval_weight * ret).backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
                 opts[n].step()
                 opts[n].zero_grad(set_to_none=True)
                 running[n] += loss.item()
                 aux_run[n] += aux.item()
+                ret_run[n] += ret.item()
             step += 1
             if step % log_every == 0 or step == total:
                 k = (step - 1) % log_every + 1
                 rec = {"step": step, "stage": si, "len": ids.shape[1], "elapsed_s": round(time.time() - t0, 1)}
                 rec.update({f"loss_{n}": round(v / k, 4) for n, v in running.items()})
                 rec.update({f"probe_{n}": round(v / k, 4) for n, v in aux_run.items() if v})
+                rec.update({f"retrieval_{n}": round(v / k, 4) for n, v in ret_run.items() if v})
                 rec.update({f"{kd}_loss": round(v / c, 4) for kd, (v, c) in by_kind.items() if c})
                 history.append(rec)
                 logger.info("%s", json.dumps(rec))
                 running = {n: 0.0 for n in models}
                 aux_run = {n: 0.0 for n in models}
+                ret_run = {n: 0.0 for n in models}
                 by_kind = {"copy": [0.0, 0], "niah": [0.0, 0]}
             if save_every and step % save_every == 0 and on_stage_end is not None:
                 on_stage_end(si)
@@ -959,6 +1042,13 @@ def _parse(argv):
                         "tried, not shipped: multikey stayed near chance, see the model card)")
     p.add_argument("--keymatch-only", action="store_true",
                    help="run only the key-matching curriculum (with --init-from the polished models)")
+    p.add_argument("--retrieval", action="store_true",
+                   help="after the polish, run the retrieval-supervision curriculum (longctx.tiny_retrieval)")
+    p.add_argument("--retrieval-only", action="store_true",
+                   help="run only the retrieval-supervision curriculum (with --init-from the polished models)")
+    p.add_argument("--retrieval-weight", type=float, default=0.0,
+                   help="weight of the retrieval supervision (longctx.tiny_retrieval) in every stage after the "
+                        "copy warm-up, main curriculum and polish")
     p.add_argument("--stop-after-stage", type=int, default=3,
                    help="end the main curriculum after this stage; its learning-rate schedule still spans all "
                         "stages (default 3, then the polish: the shipped checkpoint; 4 adds the 4-16K stage, "
@@ -1001,7 +1091,10 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             models = {n: AutoModelForCausalLM.from_pretrained(Path(args.init_from) / f"tiny-{n}") for n in names}
             logger.info("initialised %s from %s", names, args.init_from)
         def scaled(stages):
-            return [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in stages]
+            out = [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in stages]
+            if args.retrieval_weight:
+                out = [s if s.copy_only else dataclasses.replace(s, retrieval_weight=args.retrieval_weight) for s in out]
+            return out
 
         curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}
@@ -1015,7 +1108,8 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                 save_model(m, tok, out / f"tiny-{n}")
             logger.info("stage %d done after %.1f min; saved to %s", si, (time.time() - t0) / 60, out)
 
-        if not (args.continuation_only or args.polish_only or args.keymatch_only):
+        only = args.continuation_only or args.polish_only or args.keymatch_only or args.retrieval_only
+        if not only:
             train(models, tok, curriculum, seed=args.seed + args.from_stage, lr=args.lr, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=30,
                   stop_after_stage=args.stop_after_stage)
@@ -1023,8 +1117,9 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         follow_ups = [
             ("continuation", CONTINUATION, 100, args.continuation or args.continuation_only),
             ("polish", POLISH, 200,
-             (args.polish and not (args.continuation_only or args.keymatch_only)) or args.polish_only),
+             (args.polish and not only) or args.polish_only),
             ("keymatch", KEYMATCH, 300, args.keymatch or args.keymatch_only),
+            ("retrieval", RETRIEVAL, 400, args.retrieval or args.retrieval_only),
         ]
         for name, stages, seed_offset, wanted in follow_ups:
             if not wanted:

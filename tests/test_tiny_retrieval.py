@@ -1,0 +1,125 @@
+"""Retrieval supervision for training the tiny models (longctx/tiny_retrieval.py)."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longctx import tiny
+from longctx.hub import load_tiny
+from longctx.tiny_retrieval import KeyProbe, answer_targets, capturing, contrast_loss, retrieval_loss
+
+
+def test_answer_targets_point_at_the_token_to_copy_and_the_keys():
+    _, tok = load_tiny("tiny")
+    stream = tiny.SampleStream(tok, 3, tiny.load_essay_words(), tiny.RETRIEVAL_MIX)
+    stream.want_spans = True
+    copies = gathers = 0
+    for _ in range(12):
+        ids, labels = stream.sample(400, extra_questions=2)
+        targets = stream.last_spans[-1]
+        for t, s0, s1 in targets.get("match", []) + targets.get("copy", []):
+            assert s0 == s1 < t and labels[t + 1] == ids[t + 1] == ids[s0] != -100  # the token to copy
+            line = tok.decode(ids[max(0, s0 - 120):s0 + 1]).rsplit("special magic", 1)
+            assert len(line) == 2 and " is: " in line[1]  # ... inside a needle
+            copies += 1
+        for t, s0, s1 in targets.get("gather", []):
+            assert s0 <= s1 < t
+            key = tok.decode(ids[s0:s1 + 1]).strip()
+            before = tok.decode(ids[s0 - 2:s0]) + " " + tok.decode(ids[s1 + 1:s1 + 3])
+            assert key and ("for" in before or "," in before or "and" in before), (key, before)
+            gathers += 1
+    assert copies >= 50 and gathers >= 2 * 12
+
+
+def test_answer_targets_skip_missing_values():
+    prompt = "xx One of the special magic numbers for a-b is: 123."
+    text = prompt + " 123. 456."
+    offsets = [(i, i + 1) for i in range(len(text))]
+    n = len(prompt)
+    got = answer_targets(text, offsets, n, ["123", "456"], ["a-b", "c-d"])
+    assert got["match"] == [(n, n - 4, n - 4)]
+    assert got["copy"] == [(n + 1, n - 3, n - 3), (n + 2, n - 2, n - 2)]
+    assert got["needles"] == [n - 4] and got["contrast"] == [(n, 0)]
+    key = (prompt.index("a-b"), prompt.index("a-b") + 2)
+    assert got["gather"] == [(n - 4 + j, *key) for j in range(3)]  # the question never names the key
+
+
+def test_retrieval_loss_matches_eager_attention():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 40))
+    spans = [[(30, 5, 9), (39, 12, 20), (20, 20, 20)], [(25, 0, 3)]]
+    with torch.no_grad(), capturing(model) as store:
+        logits = model(ids).logits
+        got = retrieval_loss(store, spans, 2, 3)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    assert torch.allclose(out.logits, logits, atol=1e-5)  # the capture leaves the forward unchanged
+    expected = [-torch.log(out.attentions[2][b, 3, t, s0:s1 + 1].sum()) for b, row in enumerate(spans)
+                for t, s0, s1 in row]
+    assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-5)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_retrieval_weight_trains_the_attention():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (1, 32))
+    labels = ids.clone()
+    pos = torch.arange(32)[None]
+    spans = [{"copy": [(31, 10, 12)], "gather": [(30, 3, 5)]}]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        _, _, ret, _ = tiny._loss(model, ids, labels, pos, False, spans=spans)
+        first = ret.item() if first is None else first
+        opt.zero_grad()
+        ret.backward()
+        opt.step()
+    assert ret.item() < 0.5 * first
+
+
+def test_train_with_retrieval_weight_logs_and_lowers_the_retrieval_loss():
+    essay = tiny.load_essay_words()[:5000]
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=essay)
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    model = tiny.build_model(cfg, tok, seed=0)
+    stages = [tiny.Stage(steps=40, min_len=96, max_len=160, batch_size=4, retrieval_weight=1.0)]
+    hist = tiny.train({"m": model}, tok, stages, seed=0, lr=3e-3, warmup=5, log_every=10, autocast=False,
+                      mix=[("niah_multikey_2", 1.0)], essay_words=essay)
+    ret = [h["retrieval_m"] for h in hist]
+    assert len(ret) == 4 and ret[-1] < 0.8 * ret[0], ret
+    assert model.config._attn_implementation == "sdpa"  # the capture is gone after training
+
+
+def test_contrast_loss_prefers_the_right_needle():
+    torch.manual_seed(0)
+    out = torch.randn(1, 30, 2, 8)  # [B, S, H, D]
+    out[0, 25, 1] = out[0, 10, 1] * 3  # position 25 points the same way as needle 10 (head 1)
+    spans = [{"contrast": [(25, 1)], "needles": [4, 10, 17]}]
+    right = contrast_loss({("out", 0): out}, spans, 0, 1)
+    wrong = contrast_loss({("out", 0): out}, [{"contrast": [(25, 0)], "needles": [4, 10, 17]}], 0, 1)
+    assert right < 0.1 < 1.0 < wrong
+    assert contrast_loss({("out", 0): out}, [{"contrast": [], "needles": [4]}], 0, 1) == 0
+
+
+def test_key_probe_reads_the_key_tokens():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = LlamaForCausalLM(cfg)
+    probe = KeyProbe(32)
+    ids = torch.randint(0, 64, (2, 20))
+    hidden = torch.randn(2, 20, 32, requires_grad=True)
+    spans = [[(15, 3, 5)], [(19, 0, 0), (10, 2, 4)]]
+    loss = probe.loss(model, hidden, ids, spans)
+    emb = model.get_input_embeddings().weight
+    logp = lambda b, t: torch.log_softmax(model.model.norm(probe.proj(hidden[b, t])) @ emb.T, -1)  # noqa: E731
+    want = torch.stack([-logp(0, 15)[ids[0, 3:6]].mean(), -logp(1, 19)[ids[1, :1]].mean(),
+                        -logp(1, 10)[ids[1, 2:5]].mean()]).mean()
+    assert torch.allclose(loss, want, atol=1e-5)
+    loss.backward()
+    assert hidden.grad[0, 15].abs().sum() > 0 and hidden.grad[0, 14].abs().sum() == 0
