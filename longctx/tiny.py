@@ -600,6 +600,11 @@ def make_batch(stream: SampleStream, batch_size: int, min_len: int, max_len: int
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+# "basic": the copying head (every value token) and the gathering head only; "full": separate
+# matching head for a value's first token, the key probe and the contrastive gathering loss
+RETRIEVAL_ROLES = ("basic", "full")
+
+
 @dataclasses.dataclass
 class Stage:
     """One curriculum stage: ``steps`` optimizer steps on sequences of ``min_len..max_len`` tokens.
@@ -610,7 +615,8 @@ class Stage:
     ``mix``: this stage's (task, weight) pairs instead of the run's mixture; ``final_weight``: loss
     weight of the last token of every copied span, ``first_weight``: of the first digit of every
     value (see :func:`final_token_weights`); ``retrieval_weight``: weight of the retrieval
-    supervision (:mod:`longctx.tiny_retrieval`: the best head's attention on the right needle).
+    supervision (:mod:`longctx.tiny_retrieval`), ``retrieval_roles``: which of its parts
+    (``RETRIEVAL_ROLES``).
     """
 
     steps: int
@@ -625,6 +631,11 @@ class Stage:
     final_weight: float = 1.0
     first_weight: float = 1.0
     retrieval_weight: float = 0.0
+    retrieval_roles: str = "full"
+
+    def __post_init__(self):
+        if self.retrieval_roles not in RETRIEVAL_ROLES:
+            raise ValueError(f"Stage requires retrieval_roles in {RETRIEVAL_ROLES} (got {self.retrieval_roles!r})")
 
 
 # The recipe (third attempt, issue 7, on an idle 2-core CPU, ~30 min): (0) copy text only, with
@@ -684,10 +695,11 @@ KEYMATCH = [
 ]
 
 
-# Retrieval supervision (issue 7, fifth session): the polished model's retrieval head spreads its
-# attention evenly over a haystack of needles (multikey_2), so it answers with a random needle's
-# value. These steps add the loss of longctx.tiny_retrieval: at each position that predicts a
-# value's first token, the best head (layers 1..L-1) should attend to the needle holding it.
+# Retrieval supervision (issue 7, fifth session; the shipped target's last two runs): the polished
+# model's retrieval head spread its attention evenly over a haystack of needles (multikey_2), so it
+# answered with a random needle's value. These steps add the losses of longctx.tiny_retrieval
+# (gathering, matching and copying heads, key probe, contrastive gathering loss) on NIAH weighted to
+# the tasks with several keys, with each value's first digit (the key-dependent token) weighted 5x.
 RETRIEVAL_MIX = (
     ("niah_single_1", 1.0), ("niah_single_2", 0.5), ("niah_multikey_1", 0.5), ("niah_multikey_2", 2.0),
     ("niah_multikey_3", 1.0), ("niah_multivalue", 1.0), ("niah_multiquery", 1.5),
@@ -746,28 +758,43 @@ def final_token_weights(target: torch.Tensor, digit_ids: torch.Tensor, weight: f
     return 1.0 + (weight - 1.0) * final.float() + (first_weight - 1.0) * (first & ~final).float()
 
 
-def supervised_heads(config) -> dict[str, tuple[int, int]]:
+def supervised_heads(config, roles: str = "full") -> dict[str, tuple[int, int]]:
     """The ``(layer, head)`` trained for each role of :func:`longctx.tiny_retrieval.answer_targets`.
 
     ``gather`` (collect the key's tokens) is a head of the second layer (the first in a two-layer
     model); ``match`` (read a value's first token from the needle whose gathered key matches) and
     ``copy`` (read the value's next tokens) are heads of the last layer with different KV heads
-    where the model has several, so the two kinds of matching do not share keys.
+    where the model has several, so the two kinds of matching do not share keys. With ``roles ==
+    "basic"`` there is no ``match`` head: ``copy`` reads every value token.
     """
     n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
     last = n_layers - 1
-    return {"gather": (1 if n_layers > 2 else 0, n_heads // 2), "match": (last, n_heads // 2), "copy": (last, 0)}
+    heads = {"gather": (1 if n_layers > 2 else 0, n_heads // 2), "match": (last, n_heads // 2), "copy": (last, 0)}
+    if roles == "basic":
+        del heads["match"]
+    return heads
+
+
+def _role_targets(spans: Sequence[dict], roles: str) -> list[dict]:
+    """``answer_targets`` rows for ``roles``: "basic" folds the ``match`` targets into ``copy``."""
+    if roles == "full":
+        return list(spans)
+    return [{"copy": row.get("match", []) + row.get("copy", []), "gather": row.get("gather", [])} for row in spans]
 
 
 def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenProbes] = None, pad_id: int = 0,
-          weights_fn=None, spans=None, key_probe=None):
+          weights_fn=None, spans=None, key_probe=None, roles: str = "full"):
     """Weighted mean over sequences of each sequence's mean token loss, the probes' loss (0 without
     probes), the retrieval loss (0 without ``spans``; plus ``key_probe``'s loss when given) and the
     per-sequence losses [B]; ``weights_fn(target)`` gives per-token weights; ``spans`` are the
-    per-row retrieval targets."""
+    per-row retrieval targets, ``roles`` which parts of the supervision apply (``RETRIEVAL_ROLES``)."""
     from longctx.tiny_retrieval import capturing, contrast_loss, retrieval_loss
 
-    heads = supervised_heads(model.config)
+    heads = supervised_heads(model.config, roles)
+    if spans is not None:
+        spans = _role_targets(spans, roles)
+    if roles == "basic":
+        key_probe = None
     hidden_wanted = probes is not None or (spans is not None and key_probe is not None)
     ctx = capturing(model) if spans is not None else contextlib.nullcontext()
     with ctx as store, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and ids.device.type == "cpu"):
@@ -780,7 +807,8 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
     if spans is not None:
         ret = ret + sum(retrieval_loss(store, [row.get(role, []) for row in spans], layer, head)
                         for role, (layer, head) in heads.items())
-        ret = ret + contrast_loss(store, spans, *heads["gather"])
+        if roles == "full":
+            ret = ret + contrast_loss(store, spans, *heads["gather"])
     logits = out.logits[:, :-1].float()
     target = labels[:, 1:]
     tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [B, S-1]
@@ -827,7 +855,7 @@ def train(
     probes = probes or {}
     # the key probes (longctx.tiny_retrieval.KeyProbe) come with the retrieval supervision
     key_probes = {}
-    if any(s.retrieval_weight > 0 for s in curriculum):
+    if any(s.retrieval_weight > 0 and s.retrieval_roles == "full" for s in curriculum):
         from longctx.tiny_retrieval import KeyProbe
 
         key_probes = {n: KeyProbe(m.config.hidden_size) for n, m in models.items()}
@@ -867,7 +895,7 @@ def train(
                 pr = probes.get(n) if stage.aux_weight > 0 else None
                 spans = stream.last_spans if stage.retrieval_weight > 0 else None
                 loss, aux, ret, per_seq = _loss(m, ids, labels, pos, autocast, pr, tokenizer.pad_token_id, weights_fn,
-                                                spans, key_probes.get(n))
+                                                spans, key_probes.get(n), stage.retrieval_roles)
                 if n == next(iter(models)):
                     for task, v in zip(stream.last_tasks, per_seq.tolist()):
                         kind = by_kind["copy" if task == "copy" else "niah"]
@@ -1013,6 +1041,20 @@ def save_model(model, tokenizer, path: Path):
     tokenizer.save_pretrained(path, save_jinja_files=False)
 
 
+def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieval_weight: float = 0.0,
+                     retrieval_roles: str = "full", first_weight: Optional[float] = None) -> list[Stage]:
+    """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1);
+    ``retrieval_weight`` (when non-zero) on every stage but the copy warm-up; ``retrieval_roles``
+    on all; ``first_weight`` (when given) replacing each stage's."""
+    out = [dataclasses.replace(s, steps=max(1, round(s.steps * steps_scale)), retrieval_roles=retrieval_roles)
+           for s in stages]
+    if retrieval_weight:
+        out = [s if s.copy_only else dataclasses.replace(s, retrieval_weight=retrieval_weight) for s in out]
+    if first_weight is not None:
+        out = [dataclasses.replace(s, first_weight=first_weight) for s in out]
+    return out
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="longctx train-tiny", description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default=str(MODELS_DIR), help="writes <out-dir>/tiny-target and tiny-draft")
@@ -1049,6 +1091,11 @@ def _parse(argv):
     p.add_argument("--retrieval-weight", type=float, default=0.0,
                    help="weight of the retrieval supervision (longctx.tiny_retrieval) in every stage after the "
                         "copy warm-up, main curriculum and polish")
+    p.add_argument("--retrieval-roles", choices=RETRIEVAL_ROLES, default="full",
+                   help="parts of the retrieval supervision: 'basic' (copying + gathering heads) or 'full' (also "
+                        "a matching head for a value's first token, the key probe and the contrastive loss)")
+    p.add_argument("--first-weight", type=float, default=None,
+                   help="override the loss weight of each value's first digit in the follow-up curricula")
     p.add_argument("--stop-after-stage", type=int, default=3,
                    help="end the main curriculum after this stage; its learning-rate schedule still spans all "
                         "stages (default 3, then the polish: the shipped checkpoint; 4 adds the 4-16K stage, "
@@ -1090,11 +1137,8 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         if args.init_from:
             models = {n: AutoModelForCausalLM.from_pretrained(Path(args.init_from) / f"tiny-{n}") for n in names}
             logger.info("initialised %s from %s", names, args.init_from)
-        def scaled(stages):
-            out = [dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))) for s in stages]
-            if args.retrieval_weight:
-                out = [s if s.copy_only else dataclasses.replace(s, retrieval_weight=args.retrieval_weight) for s in out]
-            return out
+        def scaled(stages, first_weight=None):
+            return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight)
 
         curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}
@@ -1124,7 +1168,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         for name, stages, seed_offset, wanted in follow_ups:
             if not wanted:
                 continue
-            stages = scaled(stages)
+            stages = scaled(stages, args.first_weight)
             logger.info("%s %s lr %g", name, [dataclasses.asdict(s) for s in stages], args.lr / 2)
             train(models, tok, stages, seed=args.seed + seed_offset, lr=args.lr / 2, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, warmup=20)

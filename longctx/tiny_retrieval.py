@@ -2,17 +2,25 @@
 
 The tiny target learnt to copy *a* needle's value but not to pick the needle whose key was asked:
 on ``niah_multikey_2`` (a haystack made of needles) its retrieval head spread its attention evenly
-over all needles (mass on the right one ~1/number of needles), so its answers were another key's
-value. Answer-token loss alone did not teach the key match in the steps we can afford on 2 cores.
+over all needles, so its answers were another key's value. Answer-token loss alone did not teach
+the key match in the steps we can afford on 2 cores. This module supervises the circuit directly:
 
-This module adds a direct signal: at every position that predicts a token of a value, one chosen
-head (the last layer's first head) should attend to that very token in the needle that holds the
-value. The loss is ``-log(mass)``, the head's softmax attention on the target; the gradient reaches
-the layers below, which must carry the key's identity to both ends. (A first try took the best
-head over layers 1-3 on the whole needle: heads became sharp but which one retrieved varied from
-prompt to prompt, and multikey_2 stayed at 0.) The saved model is a plain Llama:
-the capture is an ``AttentionInterface`` function that runs SDPA and keeps the post-RoPE q/k of the
-supervised layers for the loss; it is installed only while training.
+- ``gather`` (a head of the second layer): at every value token of a needle, attend to that
+  needle's key tokens; at every answer position that predicts a value token, attend to the key
+  asked for (its last mention). Both ends then carry the key.
+- ``match`` (a last-layer head): at the position that predicts a value's first token, attend to
+  that token in the needle holding the value; ``copy`` (another last-layer head, other KV head):
+  the same for the value's other tokens (induction inside the right needle).
+- :func:`contrast_loss`: the gathering head's output at the answer must be closer (cosine) to its
+  output at the right needle than at any other needle; :class:`KeyProbe`: the gathering layer's
+  output must name the key's tokens. Without the contrastive term the gathering head attended
+  perfectly but wrote nearly the same vector for every key, and the matching head stayed at
+  chance (the model card lists each trial).
+
+Attention losses are ``-log(mass)`` of one head's softmax attention on its targets. The saved
+model is a plain Llama: the capture is an ``AttentionInterface`` function that runs SDPA and keeps
+each layer's post-RoPE q/k and per-head outputs for the losses; it is installed only while
+training.
 """
 
 from __future__ import annotations
@@ -56,7 +64,9 @@ def _register() -> None:
 
 @contextlib.contextmanager
 def capturing(model) -> Iterator[dict]:
-    """Run ``model`` with the capturing attention; yields the ``layer_idx -> (q, k, scaling)`` store.
+    """Run ``model`` with the capturing attention; yields the store: ``layer_idx -> (q, k, scaling)``
+    (post-RoPE ``[B, H, S, D]`` / ``[B, Hkv, S, D]``) and ``("out", layer_idx) ->`` per-head outputs
+    ``[B, S, H, D]``.
 
     The model's attention implementation is restored on exit.
     """
@@ -90,12 +100,14 @@ def answer_targets(text: str, offsets: Sequence[tuple[int, int]], prompt_chars: 
 
     Returns
     -------
-    ``{"match": [...], "copy": [...], "gather": [...]}``. ``match``: for the first token of every
+    ``{"match", "copy", "gather", "needles", "contrast"}`` lists. ``match``: for the first token of every
     value found, the position that predicts it and the same token in the needle holding the value
     (the token a key-matching head must read); ``copy``: the same for the value's other tokens
     (what an induction head restricted to that needle reads). ``gather``: at each position that predicts a value token, the key's
     tokens in its last mention before it (the question); at each value token of the needle, the
     needle's key tokens (what a head must collect so that the two ends can be matched).
+    ``needles``: the first value token of every needle in the prompt; ``contrast``: ``(t, i)``
+    per ``match`` target, ``i`` the index of its needle in ``needles`` (for :func:`contrast_loss`).
     Values whose tokens differ between the needle and the answer are skipped.
     """
     starts, ends = [a for a, _ in offsets], [e for _, e in offsets]

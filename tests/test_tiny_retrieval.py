@@ -1,4 +1,5 @@
 """Retrieval supervision for training the tiny models (longctx/tiny_retrieval.py)."""
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -123,3 +124,36 @@ def test_key_probe_reads_the_key_tokens():
     assert torch.allclose(loss, want, atol=1e-5)
     loss.backward()
     assert hidden.grad[0, 15].abs().sum() > 0 and hidden.grad[0, 14].abs().sum() == 0
+
+
+def test_configure_stages_applies_the_cli_settings():
+    main = tiny.configure_stages(tiny.CURRICULUM, 2.0, 1.0, "basic")
+    assert [s.steps for s in main] == [2 * s.steps for s in tiny.CURRICULUM]
+    assert main[0].copy_only and main[0].retrieval_weight == 0  # the copy warm-up stays unsupervised
+    assert all(s.retrieval_weight == 1.0 and s.retrieval_roles == "basic" for s in main[1:])
+    follow = tiny.configure_stages(tiny.RETRIEVAL, 1.0, 0.0, "full", first_weight=1.0)
+    assert [s.first_weight for s in follow] == [1.0, 1.0] and [s.first_weight for s in tiny.RETRIEVAL] == [5.0, 5.0]
+    assert all(s.retrieval_weight == 1.0 for s in follow)  # the curriculum's own weight is kept
+    with pytest.raises(ValueError, match="retrieval_roles"):
+        tiny.Stage(steps=1, min_len=8, max_len=8, batch_size=1, retrieval_roles="some")
+
+
+def test_basic_roles_fold_match_into_copy_and_skip_the_probe():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = LlamaForCausalLM(cfg)
+    assert tiny.supervised_heads(cfg) == {"gather": (1, 2), "match": (2, 2), "copy": (2, 0)}
+    assert tiny.supervised_heads(cfg, "basic") == {"gather": (1, 2), "copy": (2, 0)}
+    ids = torch.randint(0, 64, (1, 32))
+    spans = [{"match": [(20, 5, 5)], "copy": [(21, 6, 6)], "gather": [(20, 1, 3)], "needles": [5, 12],
+              "contrast": [(20, 0)]}]
+    probe = KeyProbe(32)
+    args = (model, ids, ids, torch.arange(32)[None], False)
+    _, _, basic, _ = tiny._loss(*args, spans=spans, key_probe=probe, roles="basic")
+    with torch.no_grad(), capturing(model) as store:
+        model(ids)
+        want = retrieval_loss(store, [[(20, 5, 5), (21, 6, 6)]], 2, 0) + retrieval_loss(store, [[(20, 1, 3)]], 1, 2)
+    assert torch.allclose(basic, want, atol=1e-5)
+    _, _, full, _ = tiny._loss(*args, spans=spans, key_probe=probe, roles="full")
+    assert not torch.allclose(full, basic)
