@@ -82,3 +82,13 @@ __all__ = [
     "crop_to_rollback",
     "cache_from_output",
 ]
+
+
+def register_attention(name: str, attention_fn, mask_fn) -> None:
+    """Register ``attention_fn`` / ``mask_fn`` under ``name`` with transformers' ``AttentionInterface``
+    and ``AttentionMaskInterface`` (idempotent), so that ``model.set_attn_implementation(name)`` works."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention_fn)
+    AttentionMaskInterface.register(name, mask_fn)

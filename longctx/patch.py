@@ -25,12 +25,10 @@ import logging
 from typing import Any, Optional, Union
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from longctx.backends import BackendConfig, resolve_config
 from longctx.cache import ACTIVE_LAYER, LongCtxCache, LongCtxLayer
-from longctx.compat import CACHE_KWARG, check_version
+from longctx.compat import CACHE_KWARG, check_version, register_attention
 from longctx.models import attention_modules, get_adapter, layer_contexts
 
 logger = logging.getLogger(__name__)
@@ -38,7 +36,6 @@ logger = logging.getLogger(__name__)
 ATTN_NAME = "longctx"
 # id(attention module) -> the handle that patched it (for forwards that run without a LongCtxCache)
 _HANDLES: dict[int, "PatchHandle"] = {}
-_REGISTERED = False
 
 
 def longctx_mask(*args: Any, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Optional[torch.Tensor]:
@@ -104,11 +101,7 @@ def _attend_without_cache(module, query, key, value, positions, attention_mask) 
 
 
 def _register() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        AttentionInterface.register(ATTN_NAME, longctx_attention)
-        AttentionMaskInterface.register(ATTN_NAME, longctx_mask)
-        _REGISTERED = True
+    register_attention(ATTN_NAME, longctx_attention, longctx_mask)
 
 
 class PatchHandle:

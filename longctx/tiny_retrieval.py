@@ -32,10 +32,11 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from longctx.compat import register_attention
+
 CAPTURE_NAME = "longctx_tiny_capture"
 # layer_idx -> (query [B, H, S, D], key [B, Hkv, S, D], scaling); None when nobody is capturing
 _CAPTURED: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("longctx_tiny_captured", default=None)
-_REGISTERED = False
 
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
@@ -51,17 +52,6 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     return out
 
 
-def _register() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(CAPTURE_NAME, _capture_attention)
-        AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
-        _REGISTERED = True
-
-
 @contextlib.contextmanager
 def capturing(model) -> Iterator[dict]:
     """Run ``model`` with the capturing attention; yields the store: ``layer_idx -> (q, k, scaling)``
@@ -70,7 +60,9 @@ def capturing(model) -> Iterator[dict]:
 
     The model's attention implementation is restored on exit.
     """
-    _register()
+    from transformers.masking_utils import sdpa_mask
+
+    register_attention(CAPTURE_NAME, _capture_attention, sdpa_mask)
     orig = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_NAME)
     store: dict = {}
@@ -100,12 +92,13 @@ def answer_targets(text: str, offsets: Sequence[tuple[int, int]], prompt_chars: 
 
     Returns
     -------
-    ``{"match", "copy", "gather", "needles", "contrast"}`` lists. ``match``: for the first token of every
-    value found, the position that predicts it and the same token in the needle holding the value
-    (the token a key-matching head must read); ``copy``: the same for the value's other tokens
-    (what an induction head restricted to that needle reads). ``gather``: at each position that predicts a value token, the key's
-    tokens in its last mention before it (the question); at each value token of the needle, the
-    needle's key tokens (what a head must collect so that the two ends can be matched).
+    ``{"match", "copy", "gather", "needles", "contrast"}`` lists. ``match``: for the first token
+    of every value found, the position that predicts it and the same token in the needle holding
+    the value (the token a key-matching head must read); ``copy``: the same for the value's other
+    tokens (what an induction head restricted to that needle reads). ``gather``: at each position
+    that predicts a value token, the key's tokens in its last mention before it (the question); at
+    each value token of the needle, the needle's key tokens (what a head must collect so that the
+    two ends can be matched).
     ``needles``: the first value token of every needle in the prompt; ``contrast``: ``(t, i)``
     per ``match`` target, ``i`` the index of its needle in ``needles`` (for :func:`contrast_loss`).
     Values whose tokens differ between the needle and the answer are skipped.
@@ -150,7 +143,7 @@ def retrieval_loss(store: dict, spans: Sequence[Sequence[tuple[int, int, int]]],
     ----------
     store : ``layer_idx -> (q [B, H, S, D], k [B, Hkv, S, D], scaling)`` from :func:`capturing`.
     spans : per batch row, ``(t, s0, s1)`` targets (one role of :func:`answer_targets`).
-    layer, head : the supervised head (the copying head of the trained model).
+    layer, head : the supervised head.
 
     Returns
     -------
