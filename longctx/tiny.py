@@ -493,7 +493,7 @@ class SampleStream:
         self.digit_ids = tokenizer.convert_tokens_to_ids(list("0123456789"))
         self.last_tasks: list[str] = []
         self.copy_only = False  # a stage of pure copy text (the induction warm-up)
-        self.want_spans = False  # record retrieval targets (tiny_retrieval.answer_spans) per sample
+        self.want_spans = False  # record retrieval targets (tiny_retrieval.answer_targets) per sample
         self.last_spans: list[dict] = []
 
     def set_mix(self, mix: Sequence[tuple[str, float]]) -> None:
@@ -528,13 +528,11 @@ class SampleStream:
             labels += lab
         return ids[:n_tokens], labels[:n_tokens]
 
-    def _spans(self, s: Sample) -> dict[str, list[tuple[int, int, int]]]:
+    def _spans(self, s: Sample, prompt_enc, answer_enc) -> dict[str, list[tuple[int, int, int]]]:
         from longctx.tiny_retrieval import answer_targets
 
-        p = self.tok(s.prompt, return_offsets_mapping=True)["offset_mapping"]
-        a = self.tok(s.answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         n = len(s.prompt)
-        offsets = list(p) + [(x + n, y + n) for x, y in a]
+        offsets = list(prompt_enc["offset_mapping"]) + [(x + n, y + n) for x, y in answer_enc["offset_mapping"]]
         return answer_targets(s.prompt + s.answer, offsets, n, s.answer_values, s.answer_keys)
 
     def sample(self, n_tokens: int, extra_questions: int = 0) -> tuple[list[int], list[int]]:
@@ -557,8 +555,11 @@ class SampleStream:
                 s = vt_sample(rng, units)
             else:
                 s = niah_sample(rng, task, units, self.essay, extra_questions=extra_questions, chat=chat)
-            p = self.tok(s.prompt)["input_ids"]
-            a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            spans = self.want_spans and task != "vt"  # offsets only when the retrieval targets are wanted
+            p_enc = self.tok(s.prompt, return_offsets_mapping=spans)
+            a_enc = self.tok(s.answer, add_special_tokens=False, return_offsets_mapping=spans)
+            p = p_enc["input_ids"]
+            a = a_enc["input_ids"] + [self.tok.eos_token_id]
             n = len(p) + len(a)
             if n > 1.5 * n_tokens and units <= 1 and extra_questions == 0 and "uuids" in RULER_NIAH_TASKS[task][1:3]:
                 # even the smallest prompt of this task is far too long (uuids at short lengths):
@@ -566,8 +567,8 @@ class SampleStream:
                 self.last_tasks[-1] = "copy"
                 return self._copy(n_tokens)
             if n <= n_tokens or (units <= 1 and extra_questions == 0):
-                if self.want_spans and task != "vt":
-                    self.last_spans[-1] = self._spans(s)
+                if spans:
+                    self.last_spans[-1] = self._spans(s, p_enc, a_enc)
                 return p + a, [-100] * len(p) + a
             rng.setstate(state)
             if units > 1:
