@@ -1043,12 +1043,20 @@ def save_model(model, tokenizer, path: Path):
 
 
 def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieval_weight: float = 0.0,
-                     retrieval_roles: str = "full", first_weight: Optional[float] = None) -> list[Stage]:
-    """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1);
-    ``retrieval_weight`` (when non-zero) on every stage but the copy warm-up; ``retrieval_roles``
-    on all; ``first_weight`` (when given) replacing each stage's."""
-    out = [dataclasses.replace(s, steps=max(1, round(s.steps * steps_scale)), retrieval_roles=retrieval_roles)
-           for s in stages]
+                     retrieval_roles: str = "full", first_weight: Optional[float] = None,
+                     stage_steps: Optional[Sequence[int]] = None) -> list[Stage]:
+    """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1), or
+    ``stage_steps`` (one count per stage) when given; ``retrieval_weight`` (when non-zero) on every
+    stage but the copy warm-up; ``retrieval_roles`` on all; ``first_weight`` (when given)
+    replacing each stage's."""
+    if stage_steps is not None:
+        if len(stage_steps) != len(stages) or any(n < 1 for n in stage_steps):
+            raise ValueError(f"stage_steps requires {len(stages)} step counts >= 1, one per stage "
+                             f"(got {list(stage_steps)})")
+        counts = list(stage_steps)
+    else:
+        counts = [max(1, round(s.steps * steps_scale)) for s in stages]
+    out = [dataclasses.replace(s, steps=n, retrieval_roles=retrieval_roles) for s, n in zip(stages, counts)]
     if retrieval_weight:
         out = [s if s.copy_only else dataclasses.replace(s, retrieval_weight=retrieval_weight) for s in out]
     if first_weight is not None:
@@ -1059,7 +1067,8 @@ def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieva
 def _parse(argv):
     p = argparse.ArgumentParser(prog="longctx train-tiny", description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default=str(MODELS_DIR), help="writes <out-dir>/tiny-target and tiny-draft")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the tokenizer, the initial weights and the data streams (with --init-from: the data only)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared 2-core machine 1 thread was ~7x faster than 2")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -1067,6 +1076,10 @@ def _parse(argv):
                    help="which models to train ('target', 'draft' or both): they see the same seeded batches, "
                         "so training them in two processes gives the same weights as one")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    p.add_argument("--stage-steps", default=None,
+                   help="comma-separated step counts, one per stage of the one follow-up curriculum run "
+                        "with --polish-only / --continuation-only / --keymatch-only / --retrieval-only "
+                        "(replaces --steps-scale there), e.g. 1000,1000")
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (default fp32)")
     p.add_argument("--log-file", default=None, help="also append the log to this file")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0 = per stage)")
@@ -1113,6 +1126,15 @@ def _parse(argv):
 def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: build the tokenizer, train target and draft, save them, run a quick evaluation."""
     args = _parse(argv)
+    stage_steps = None
+    if args.stage_steps is not None:
+        if sum(map(bool, (args.continuation_only, args.polish_only, args.keymatch_only, args.retrieval_only))) != 1:
+            raise ValueError("--stage-steps requires exactly one of --polish-only, --continuation-only, "
+                             f"--keymatch-only, --retrieval-only (got --stage-steps {args.stage_steps!r} without)")
+        try:
+            stage_steps = [int(x) for x in args.stage_steps.split(",")]
+        except ValueError:
+            raise ValueError(f"--stage-steps requires comma-separated integers (got {args.stage_steps!r})") from None
     handlers = [logging.StreamHandler()]
     if args.log_file:
         handlers.append(logging.FileHandler(args.log_file))
@@ -1133,13 +1155,17 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         essay = load_essay_words()
-        tok = build_tokenizer(seed=args.seed, essay_words=essay)
-        models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
         if args.init_from:
+            # the tokenizer travels with the checkpoint, so --seed only changes the data streams
+            tok = AutoTokenizer.from_pretrained(Path(args.init_from) / f"tiny-{names[0]}")
             models = {n: AutoModelForCausalLM.from_pretrained(Path(args.init_from) / f"tiny-{n}") for n in names}
-            logger.info("initialised %s from %s", names, args.init_from)
-        def scaled(stages, first_weight=None):
-            return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight)
+            logger.info("initialised %s (and the tokenizer) from %s", names, args.init_from)
+        else:
+            tok = build_tokenizer(seed=args.seed, essay_words=essay)
+            models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
+        def scaled(stages, first_weight=None, stage_steps=None):
+            return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight,
+                                    stage_steps)
 
         curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}
@@ -1169,7 +1195,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         for name, stages, seed_offset, wanted in follow_ups:
             if not wanted:
                 continue
-            stages = scaled(stages, args.first_weight)
+            stages = scaled(stages, args.first_weight, stage_steps)
             logger.info("%s %s lr %g", name, [dataclasses.asdict(s) for s in stages], args.lr / 2)
             train(models, tok, stages, seed=args.seed + seed_offset, lr=args.lr / 2, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, warmup=20)

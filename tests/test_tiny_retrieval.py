@@ -136,6 +136,12 @@ def test_configure_stages_applies_the_cli_settings():
     assert all(s.retrieval_weight == 1.0 for s in follow)  # the curriculum's own weight is kept
     with pytest.raises(ValueError, match="retrieval_roles"):
         tiny.Stage(steps=1, min_len=8, max_len=8, batch_size=1, retrieval_roles="some")
+    counted = tiny.configure_stages(tiny.RETRIEVAL, 3.0, stage_steps=[7, 11])
+    assert [s.steps for s in counted] == [7, 11]  # replaces the scale
+    with pytest.raises(ValueError, match="stage_steps requires 2"):
+        tiny.configure_stages(tiny.RETRIEVAL, stage_steps=[7])
+    with pytest.raises(ValueError, match="--stage-steps requires exactly one"):
+        tiny.train_tiny_main(["--stage-steps", "5,5", "--out-dir", "/nonexistent"])
 
 
 def test_basic_roles_fold_match_into_copy_and_skip_the_probe():
