@@ -73,17 +73,6 @@ def cache_from_output(output) -> object:
     return None
 
 
-__all__ = [
-    "CacheBase",
-    "CacheLayerBase",
-    "CACHE_KWARG",
-    "TRANSFORMERS_VERSION",
-    "check_version",
-    "crop_to_rollback",
-    "cache_from_output",
-]
-
-
 def register_attention(name: str, attention_fn, mask_fn) -> None:
     """Register ``attention_fn`` / ``mask_fn`` under ``name`` with transformers' ``AttentionInterface``
     and ``AttentionMaskInterface`` (idempotent), so that ``model.set_attn_implementation(name)`` works."""
@@ -92,3 +81,15 @@ def register_attention(name: str, attention_fn, mask_fn) -> None:
 
     AttentionInterface.register(name, attention_fn)
     AttentionMaskInterface.register(name, mask_fn)
+
+
+__all__ = [
+    "CacheBase",
+    "CacheLayerBase",
+    "CACHE_KWARG",
+    "TRANSFORMERS_VERSION",
+    "check_version",
+    "crop_to_rollback",
+    "cache_from_output",
+    "register_attention",
+]

@@ -35,7 +35,8 @@ import torch
 from longctx.compat import register_attention
 
 CAPTURE_NAME = "longctx_tiny_capture"
-# layer_idx -> (query [B, H, S, D], key [B, Hkv, S, D], scaling); None when nobody is capturing
+# layer_idx -> (query [B, H, S, D], key [B, Hkv, S, D], scaling) and ("out", layer_idx) -> per-head
+# outputs [B, S, H, D]; None when nobody is capturing
 _CAPTURED: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("longctx_tiny_captured", default=None)
 
 
