@@ -1042,17 +1042,32 @@ def save_model(model, tokenizer, path: Path):
     tokenizer.save_pretrained(path, save_jinja_files=False)
 
 
+LONG_STAGE_FACTOR = 4  # the appended long stage of --stage-steps: 1-4K -> 4-16K tokens
+
+
+def long_stage(last: Stage) -> Stage:
+    """``last`` at ``LONG_STAGE_FACTOR`` times its lengths (from its ``max_len`` up), one extra question."""
+    return dataclasses.replace(last, min_len=last.max_len, max_len=last.max_len * LONG_STAGE_FACTOR,
+                               extra_questions=min(last.extra_questions, 1))
+
+
 def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieval_weight: float = 0.0,
                      retrieval_roles: str = "full", first_weight: Optional[float] = None,
                      stage_steps: Optional[Sequence[int]] = None) -> list[Stage]:
     """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1), or
     ``stage_steps`` (one count per stage) when given; ``retrieval_weight`` (when non-zero) on every
     stage but the copy warm-up; ``retrieval_roles`` on all; ``first_weight`` (when given)
-    replacing each stage's."""
+    replacing each stage's.
+
+    One more count than there are stages appends a long stage (:func:`long_stage`: the last
+    stage at ``LONG_STAGE_FACTOR`` times its lengths) with that many steps."""
     if stage_steps is not None:
-        if len(stage_steps) != len(stages) or any(n < 1 for n in stage_steps):
-            raise ValueError(f"stage_steps requires {len(stages)} step counts >= 1, one per stage "
-                             f"(got {list(stage_steps)})")
+        n = len(stages)
+        if len(stage_steps) not in (n, n + 1) or any(k < 1 for k in stage_steps):
+            raise ValueError(f"stage_steps requires {n} step counts >= 1, one per stage, or {n + 1} "
+                             f"(the last for an appended long stage) (got {list(stage_steps)})")
+        if len(stage_steps) == n + 1:
+            stages = [*stages, long_stage(stages[-1])]
         counts = list(stage_steps)
     else:
         counts = [max(1, round(s.steps * steps_scale)) for s in stages]
@@ -1079,7 +1094,8 @@ def _parse(argv):
     p.add_argument("--stage-steps", default=None,
                    help="comma-separated step counts, one per stage of the one follow-up curriculum run "
                         "with --polish-only / --continuation-only / --keymatch-only / --retrieval-only "
-                        "(replaces --steps-scale there), e.g. 1000,1000")
+                        "(replaces --steps-scale there), e.g. 1000,1000; one more count appends a stage at 4x "
+                        "the last stage's lengths (e.g. 400,800,300: 4-16K tokens after 1-4K)")
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (default fp32)")
     p.add_argument("--log-file", default=None, help="also append the log to this file")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0 = per stage)")

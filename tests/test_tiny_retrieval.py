@@ -140,6 +140,13 @@ def test_configure_stages_applies_the_cli_settings():
     assert [s.steps for s in counted] == [7, 11]  # replaces the scale
     with pytest.raises(ValueError, match="stage_steps requires 2"):
         tiny.configure_stages(tiny.RETRIEVAL, stage_steps=[7])
+    with pytest.raises(ValueError, match="stage_steps requires 2"):
+        tiny.configure_stages(tiny.RETRIEVAL, stage_steps=[7, 11, 3, 2])
+    longer = tiny.configure_stages(tiny.RETRIEVAL, stage_steps=[7, 11, 3])  # appends the long stage
+    assert [s.steps for s in longer] == [7, 11, 3] and len(tiny.RETRIEVAL) == 2
+    last = tiny.RETRIEVAL[-1]
+    assert (longer[2].min_len, longer[2].max_len) == (last.max_len, last.max_len * tiny.LONG_STAGE_FACTOR)
+    assert longer[2].mix == last.mix and longer[2].retrieval_weight == last.retrieval_weight
     with pytest.raises(ValueError, match="--stage-steps requires exactly one"):
         tiny.train_tiny_main(["--stage-steps", "5,5", "--out-dir", "/nonexistent"])
 
