@@ -8,12 +8,17 @@ method, decode milliseconds per token (prefill excluded), the speedup over the f
 autoregressive decoding of the target in the run (and over transformers' own ``generate``), the
 acceptance rates, tokens per full-target verification, forwards per token and milliseconds per
 forward of each level, prefill seconds and whether the output equals the target's own greedy
-output.
+output. For TriForce rows it also reports the **ceiling**: the speedup TriForce would reach if its
+draft and middle levels cost nothing (fastest autoregressive ms/token × tokens per full
+verification / ms per full verification), i.e. what the full-cache verifications alone allow.
 
 Methods:
 
 - ``autoregressive`` — ``target.generate`` as transformers runs it (SDPA, DynamicCache);
 - ``autoregressive-dense`` — the same under ``longctx.patch(target, "dense")``;
+- ``autoregressive-loop`` — a plain greedy loop (one ``target(...)`` forward + argmax per token)
+  over longctx's dense cache: no ``generate`` machinery, the way TriForce's levels call the model,
+  so the fastest dense decoding on the device;
 - ``assisted`` — ``target.generate(assistant_model=draft)`` (transformers' speculative decoding,
   the draft with a full cache);
 - ``triforce[<middle>]`` — :func:`longctx.speculative.triforce_generate` with each middle backend.
@@ -176,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-gamma", type=int, default=None, help="draft tokens per middle verification (default 2)")
     p.add_argument("--draft-sinks", type=int, default=16)
     p.add_argument("--draft-window", type=int, default=240)
-    p.add_argument("--skip", default="", help="comma-separated methods to skip: autoregressive-dense,assisted")
+    p.add_argument("--skip", default="",
+                   help="comma-separated methods to skip: autoregressive-dense,autoregressive-loop,assisted")
     p.add_argument("--repeats", type=int, default=3, help="interleaved decode rounds per method (median reported)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: stable on a shared machine)")
@@ -250,6 +256,39 @@ def _hf_method(name, model, ids, max_new, eos, patched: bool = False, prefilled:
 
     method = _Method(name, prefill if prefilled else float("inf"), round_fn)
     return method
+
+
+def _loop_method(model, ids, max_new, eos) -> _Method:
+    """A plain greedy loop over longctx's dense cache, prefilled once with the prompt but its last token."""
+    import longctx
+
+    P = ids.shape[1]
+    with longctx.patch(model, "dense") as handle, torch.no_grad():
+        cache = handle.new_cache()
+        t0 = time.perf_counter()
+        model(ids[:, :-1], use_cache=True, **{CACHE_KWARG: cache})
+        prefill = time.perf_counter() - t0
+
+    def round_fn():
+        out = ids
+        marks = []
+        with longctx.patch(model, "dense"), torch.no_grad():
+            token = ids[:, -1:]
+            for i in range(max_new):
+                logits = model(input_ids=token, position_ids=torch.tensor([[P - 1 + i]], device=ids.device),
+                               use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}).logits
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                out = torch.cat([out, token], 1)
+                marks.append((time.perf_counter(), time.process_time()))
+                if eos is not None and int(token) == eos:
+                    break
+        _restore(cache, P - 1)
+        n = max(len(marks) - 1, 1)  # tokens after the first, as the clock of the generate rows
+        (w0, c0), (w1, c1) = marks[0], marks[-1]
+        return out, {"ms_per_token": 1000.0 * (w1 - w0) / n, "cpu_ms_per_token": 1000.0 * (c1 - c0) / n,
+                     "new_tokens": out.shape[1] - P, "decode_s": w1 - w0}
+
+    return _Method("autoregressive-loop", prefill, round_fn)
 
 
 def _triforce_methods(target, draft, ids, args, eos, middles) -> list[_Method]:
@@ -357,6 +396,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
     methods = [_hf_method("autoregressive", target, ids, N, eos)]
     if "autoregressive-dense" not in skip:
         methods.append(_hf_method("autoregressive-dense", target, ids, N, eos, patched=True))
+    if "autoregressive-loop" not in skip:
+        methods.append(_loop_method(target, ids, N, eos))
     if "assisted" not in skip:
         methods.append(_hf_method("assisted", target, ids, N, eos, prefilled=False, assistant_model=draft))
     methods += _triforce_methods(target, draft, ids, args, eos, middles)
@@ -378,6 +419,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         r["speedup"] = base / r["ms_per_token"] if r["ms_per_token"] > 0 else float("nan")
         r["cpu_speedup"] = base_cpu / r["cpu_ms_per_token"] if r["cpu_ms_per_token"] > 0 else float("nan")
         r["speedup_vs_transformers"] = rows[0]["ms_per_token"] / r["ms_per_token"] if r["ms_per_token"] > 0 else float("nan")
+        if r.get("ms_per_forward") and r["ms_per_forward"][2] > 0:  # TriForce: free draft and middle levels
+            r["speedup_ceiling"] = base * r["tokens_per_verification"] / r["ms_per_forward"][2]
     setup = {"prompt_tokens": ids.shape[1], "context": args.context, "max_new_tokens": N,
              "generated_tokens": int(ref.shape[1] - ids.shape[1]), "repeats": args.repeats,
              "task": "random" if args.random_models else args.task, "threads": args.threads,
@@ -396,8 +439,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = ["| method | ms/token | speedup | vs transformers | CPU ms/token | CPU speedup | accept middle | accept top "
-             "| tokens/verif | fwd/token draft/middle/target | ms/fwd draft/middle/target | prefill s | same output |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+             "| tokens/verif | fwd/token draft/middle/target | ms/fwd draft/middle/target | ceiling | prefill s "
+             "| same output |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
 
     def triple(values, fmt):
         return "-" if values is None else "/".join(format(x, fmt) for x in values)
@@ -408,7 +452,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['cpu_ms_per_token']:.2f} | {r['cpu_speedup']:.2f}x | {f(r.get('acceptance_middle'), '.3f')} | "
             f"{f(r.get('acceptance_top'), '.3f')} | {f(r.get('tokens_per_verification'), '.2f')} | "
             f"{triple(r.get('forwards_per_token'), '.2f')} | {triple(r.get('ms_per_forward'), '.1f')} | "
-            f"{r['prefill_s']:.1f} | {'yes' if r.get('same_output') else 'NO'} |"
+            f"{f(r.get('speedup_ceiling'), '.2f')}{'x' if r.get('speedup_ceiling') else ''} | {r['prefill_s']:.1f} | {'yes' if r.get('same_output') else 'NO'} |"
         )
     return "\n".join(lines)
 
