@@ -1042,6 +1042,46 @@ def save_model(model, tokenizer, path: Path):
     tokenizer.save_pretrained(path, save_jinja_files=False)
 
 
+def average_checkpoints(sources: Sequence[Path], out: Path, name: str = "target") -> None:
+    """Average the weights of ``<source>/tiny-<name>`` over ``sources`` (uniform) into ``out/tiny-<name>``.
+
+    Runs continued from one parent on different data streams stay in one basin, so their
+    average (a "model soup") is a working model too, often better than each. The tokenizer
+    and config come from the first source.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two sources, a missing folder, or sources whose configs or tokenizers differ.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folders = [Path(src) / f"tiny-{name}" for src in sources]
+    if len(folders) < 2:
+        raise ValueError(f"average_checkpoints requires at least two sources (got {[str(s) for s in sources]})")
+    missing = [str(f) for f in folders if not (f / "config.json").exists()]
+    if missing:
+        raise ValueError(f"average_checkpoints requires a saved tiny-{name} model in every source (missing: {missing})")
+    models = [AutoModelForCausalLM.from_pretrained(f) for f in folders]
+    toks = [AutoTokenizer.from_pretrained(f) for f in folders]
+
+    def shape(m):
+        d = m.config.to_dict()
+        for key in ("transformers_version", "_name_or_path"):  # not part of the model
+            d.pop(key, None)
+        return d
+
+    for f, m, t in zip(folders[1:], models[1:], toks[1:]):
+        if shape(m) != shape(models[0]) or t.get_vocab() != toks[0].get_vocab():
+            raise ValueError(f"average_checkpoints requires one config and tokenizer in all sources "
+                             f"({f} differs from {folders[0]})")
+    states = [m.state_dict() for m in models]
+    avg = {k: sum(sd[k].double() for sd in states).div(len(states)).to(v.dtype) for k, v in states[0].items()}
+    models[0].load_state_dict(avg)
+    save_model(models[0], toks[0], Path(out) / f"tiny-{name}")
+    logger.info("averaged tiny-%s of %s into %s", name, [str(s) for s in sources], out)
+
+
 LONG_STAGE_FACTOR = 4  # the appended long stage of --stage-steps: 1-4K -> 4-16K tokens
 
 
@@ -1096,6 +1136,9 @@ def _parse(argv):
                         "with --polish-only / --continuation-only / --keymatch-only / --retrieval-only "
                         "(replaces --steps-scale there), e.g. 1000,1000; one more count appends a stage at 4x "
                         "the last stage's lengths (e.g. 400,800,300: 4-16K tokens after 1-4K)")
+    p.add_argument("--average", default=None, metavar="DIR,DIR[,...]",
+                   help="no training: average the --models of these train-tiny output folders (uniform weights) "
+                        "into --out-dir, then evaluate as --eval-only")
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (default fp32)")
     p.add_argument("--log-file", default=None, help="also append the log to this file")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0 = per stage)")
@@ -1163,7 +1206,10 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
     for n in names:
         if n not in MODEL_CONFIGS:
             raise ValueError(f"train-tiny requires --models from {sorted(MODEL_CONFIGS)} (got {n!r})")
-    if args.eval_only:
+    if args.average:
+        for n in names:
+            average_checkpoints([Path(x) for x in args.average.split(",") if x], out, n)
+    if args.eval_only or args.average:
         tok = AutoTokenizer.from_pretrained(out / "tiny-target")
         target = AutoModelForCausalLM.from_pretrained(out / "tiny-target").eval()
         draft = AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval() if (out / "tiny-draft").exists() else None
@@ -1193,7 +1239,8 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         def checkpoint(si):
             for n, m in models.items():
                 save_model(m, tok, out / f"tiny-{n}")
-            logger.info("stage %d done after %.1f min; saved to %s", si, (time.time() - t0) / 60, out)
+            logger.info("stage %d checkpoint after %.1f min (stage end or --save-every); saved to %s", si,
+                        (time.time() - t0) / 60, out)
 
         only = args.continuation_only or args.polish_only or args.keymatch_only or args.retrieval_only
         if not only:

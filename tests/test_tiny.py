@@ -1,4 +1,5 @@
 """The bundled tiny models (longctx/models_data) and the script that trains them (longctx/tiny.py)."""
+import dataclasses
 import random
 import uuid
 from pathlib import Path
@@ -147,3 +148,29 @@ def test_extra_questions_ask_other_needles():
     asked = [line.split(" for ")[1].split(" mentioned")[0] for line in m.answer.split("\n")[1:]]
     query = m.prompt.split("What is the special magic number for ")[1].split(" mentioned")[0]
     assert len(asked) == 3 and len(set(asked)) == 3 and query not in asked
+
+
+def test_average_checkpoints_is_the_mean_and_checks_its_sources(tmp_path):
+    """``train-tiny --average``: the uniform mean of the sources' weights; different shapes refuse."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    for i in range(3):
+        tiny.save_model(tiny.build_model(cfg, tok, seed=i), tok, tmp_path / f"run{i}" / "tiny-target")
+    rc = tiny.train_tiny_main(["--models", "target", "--average", ",".join(str(tmp_path / f"run{i}") for i in range(3)),
+                               "--out-dir", str(tmp_path / "soup"), "--eval-lengths", ""])
+    assert rc == 0
+    runs = [AutoModelForCausalLM.from_pretrained(tmp_path / f"run{i}" / "tiny-target").state_dict() for i in range(3)]
+    soup = AutoModelForCausalLM.from_pretrained(tmp_path / "soup" / "tiny-target").state_dict()
+    for k, v in soup.items():
+        torch.testing.assert_close(v, (runs[0][k] + runs[1][k] + runs[2][k]) / 3)
+    assert not torch.equal(runs[0]["model.layers.0.mlp.up_proj.weight"], runs[1]["model.layers.0.mlp.up_proj.weight"])
+    wide = dataclasses.replace(cfg, intermediate_size=192)
+    tiny.save_model(tiny.build_model(wide, tok, seed=0), tok, tmp_path / "wide" / "tiny-target")
+    with pytest.raises(ValueError, match="one config and tokenizer"):
+        tiny.average_checkpoints([tmp_path / "run0", tmp_path / "wide"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="at least two sources"):
+        tiny.average_checkpoints([tmp_path / "run0"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="missing"):
+        tiny.average_checkpoints([tmp_path / "run0", tmp_path / "nowhere"], tmp_path / "bad")
