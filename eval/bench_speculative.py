@@ -452,7 +452,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['cpu_ms_per_token']:.2f} | {r['cpu_speedup']:.2f}x | {f(r.get('acceptance_middle'), '.3f')} | "
             f"{f(r.get('acceptance_top'), '.3f')} | {f(r.get('tokens_per_verification'), '.2f')} | "
             f"{triple(r.get('forwards_per_token'), '.2f')} | {triple(r.get('ms_per_forward'), '.1f')} | "
-            f"{f(r.get('speedup_ceiling'), '.2f')}{'x' if r.get('speedup_ceiling') else ''} | {r['prefill_s']:.1f} | {'yes' if r.get('same_output') else 'NO'} |"
+            f"{f(r.get('speedup_ceiling'), '.2f')}{'x' if 'speedup_ceiling' in r else ''} | {r['prefill_s']:.1f} | "
+            f"{'yes' if r.get('same_output') else 'NO'} |"
         )
     return "\n".join(lines)
 
