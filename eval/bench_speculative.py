@@ -224,6 +224,14 @@ def _restore(cache, length: int) -> None:
         cache.crop(-extra)
 
 
+@torch.no_grad()
+def _prefill(model, ids, cache) -> float:
+    """Fill ``cache`` with the prompt but its last token (each round feeds that token); returns seconds."""
+    t0 = time.perf_counter()
+    model(ids[:, :-1], use_cache=True, **{CACHE_KWARG: cache})
+    return time.perf_counter() - t0
+
+
 def _hf_method(name, model, ids, max_new, eos, patched: bool = False, prefilled: bool = True, **gen_kwargs) -> _Method:
     """``model.generate``, continuing from a cache prefilled with the prompt but its last token.
 
@@ -237,11 +245,9 @@ def _hf_method(name, model, ids, max_new, eos, patched: bool = False, prefilled:
     ctx = (lambda: longctx.patch(model, "dense")) if patched else contextlib.nullcontext
     cache, prefill = None, float("nan")
     if prefilled:
-        with ctx() as handle, torch.no_grad():
+        with ctx() as handle:
             cache = handle.new_cache() if patched else DynamicCache(config=model.config)
-            t0 = time.perf_counter()
-            model(ids[:, :-1], use_cache=True, **{CACHE_KWARG: cache})
-            prefill = time.perf_counter() - t0
+            prefill = _prefill(model, ids, cache)
 
     def round_fn():
         t0 = time.perf_counter()
@@ -263,11 +269,9 @@ def _loop_method(model, ids, max_new, eos) -> _Method:
     import longctx
 
     P = ids.shape[1]
-    with longctx.patch(model, "dense") as handle, torch.no_grad():
+    with longctx.patch(model, "dense") as handle:
         cache = handle.new_cache()
-        t0 = time.perf_counter()
-        model(ids[:, :-1], use_cache=True, **{CACHE_KWARG: cache})
-        prefill = time.perf_counter() - t0
+        prefill = _prefill(model, ids, cache)
 
     def round_fn():
         out = ids

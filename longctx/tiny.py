@@ -1065,14 +1065,14 @@ def average_checkpoints(sources: Sequence[Path], out: Path, name: str = "target"
     models = [AutoModelForCausalLM.from_pretrained(f) for f in folders]
     toks = [AutoTokenizer.from_pretrained(f) for f in folders]
 
-    def shape(m):
+    def comparable_config(m):
         d = m.config.to_dict()
         for key in ("transformers_version", "_name_or_path"):  # not part of the model
             d.pop(key, None)
         return d
 
     for f, m, t in zip(folders[1:], models[1:], toks[1:]):
-        if shape(m) != shape(models[0]) or t.get_vocab() != toks[0].get_vocab():
+        if comparable_config(m) != comparable_config(models[0]) or t.get_vocab() != toks[0].get_vocab():
             raise ValueError(f"average_checkpoints requires one config and tokenizer in all sources "
                              f"({f} differs from {folders[0]})")
     states = [m.state_dict() for m in models]
