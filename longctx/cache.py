@@ -12,6 +12,7 @@ has the same padding it keeps one batched instance on the unpadded slice.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 from typing import Any, Callable, Optional
@@ -75,6 +76,8 @@ class LongCtxLayer(CacheLayerBase):
         self.length = 0  # tokens as transformers counts them (pads included)
         self.pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.record_attended = False
+        # another cache's layer of the same model that is built from this layer's prompt (see mirror_prefill)
+        self.mirror: Optional["LongCtxLayer"] = None
 
     # ------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -152,12 +155,29 @@ class LongCtxLayer(CacheLayerBase):
         positions = positions.to(q.device).expand(B, -1)
         if not self.parts:
             out = self._prefill(q, k, v, positions, padding_mask)
+            if self.mirror is not None:
+                self.mirror.ingest_prompt(q, k, v, positions, padding_mask)
         else:
             out = self._decode(q, k, v, positions)
         self.length += S
         return out
 
-    def _prefill(self, q, k, v, positions, padding_mask) -> torch.Tensor:
+    def ingest_prompt(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+    ) -> None:
+        """Build this layer from a prompt prefilled by another cache of the same model (no attention output).
+
+        Parameters as :meth:`attend` (``positions`` ``[B, S]``), with the prompt's K/V ``[B, Hkv, S, D]``.
+        """
+        if self.parts:
+            raise RuntimeError("LongCtxLayer.ingest_prompt() requires an empty layer (it holds a prompt already)")
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        self._prefill(q, k, v, positions, padding_mask, ingest=True)
+        self.length += q.shape[2]
+
+    def _prefill(self, q, k, v, positions, padding_mask, ingest: bool = False) -> Optional[torch.Tensor]:
         B, S = q.shape[0], q.shape[2]
         mask = None if padding_mask is None else padding_mask[:, -S:]
         pads = left_padding(mask)
@@ -165,16 +185,19 @@ class LongCtxLayer(CacheLayerBase):
             p = 0 if pads is None else pads[0]
             self.pads = [p] * B
             self.parts = [self._new_part()]
-            out = self.parts[0].prefill(q[:, :, p:], k[:, :, p:], v[:, :, p:], positions[:, p:])
-            return out if p == 0 else torch.nn.functional.pad(out, (0, 0, p, 0))
+            run = self.parts[0].ingest_prompt if ingest else self.parts[0].prefill
+            out = run(q[:, :, p:], k[:, :, p:], v[:, :, p:], positions[:, p:])
+            return out if p == 0 or ingest else torch.nn.functional.pad(out, (0, 0, p, 0))
         # ragged batch: one backend instance per sequence, each on its real tokens only
         self.pads = pads
         self.parts = [self._new_part() for _ in range(B)]
         outs = []
         for b, (part, p) in enumerate(zip(self.parts, pads)):
-            o = part.prefill(q[b : b + 1, :, p:], k[b : b + 1, :, p:], v[b : b + 1, :, p:], positions[b : b + 1, p:])
-            outs.append(torch.nn.functional.pad(o, (0, 0, p, 0)))
-        return torch.cat(outs, dim=0)
+            run = part.ingest_prompt if ingest else part.prefill
+            o = run(q[b : b + 1, :, p:], k[b : b + 1, :, p:], v[b : b + 1, :, p:], positions[b : b + 1, p:])
+            if not ingest:
+                outs.append(torch.nn.functional.pad(o, (0, 0, p, 0)))
+        return None if ingest else torch.cat(outs, dim=0)
 
     def _decode(self, q, k, v, positions) -> torch.Tensor:
         if len(self.parts) == 1:
@@ -229,6 +252,27 @@ class LongCtxCache(CacheBase):
     def crop(self, max_length: int) -> None:  # transformers' assisted generation calls this
         for layer in self.layers:
             layer.crop(max_length)
+
+    @contextlib.contextmanager
+    def mirror_prefill(self, other: "LongCtxCache"):
+        """Within the block, the prefill that runs through this cache also builds ``other`` (empty, same model).
+
+        Each layer hands its prompt's queries and post-RoPE K/V to the matching layer of
+        ``other`` (:meth:`LongCtxLayer.ingest_prompt`), so the model's forward over the prompt
+        runs once for both caches. Exact when this cache's prefill is exact (dense): the
+        hidden states, hence every layer's K/V, are the model's own.
+        """
+        if len(other.layers) != len(self.layers):
+            raise ValueError(f"mirror_prefill requires a cache with {len(self.layers)} layers (got {len(other.layers)})")
+        if any(layer.parts for layer in other.layers):
+            raise ValueError("mirror_prefill requires an empty cache to build (it holds a prompt already)")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.mirror = theirs
+        try:
+            yield other
+        finally:
+            for mine in self.layers:
+                mine.mirror = None
 
     def set_record_attended(self, flag: bool) -> None:
         """Ask every backend layer to record which keys it attends (diagnostics)."""

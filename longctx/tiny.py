@@ -476,6 +476,8 @@ TRAIN_MIX = [
     ("niah_multikey_2", 1.5), ("niah_multikey_3", 1.0), ("niah_multivalue", 1.0), ("niah_multiquery", 1.0),
     ("copy", 3.0),
 ]
+# every task a SampleStream can draw (the NIAH variants, variable tracking, copy text)
+TRAIN_TASKS = (*RULER_NIAH_TASKS, "vt", "copy")
 _UNIT_TOKENS = {"noise": 25.0, "needle_numbers": 30.0, "needle_uuids": 88.0, "essay": 1.35, "vt": 25.0}
 
 
@@ -1093,11 +1095,13 @@ def long_stage(last: Stage) -> Stage:
 
 def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieval_weight: float = 0.0,
                      retrieval_roles: str = "full", first_weight: Optional[float] = None,
-                     stage_steps: Optional[Sequence[int]] = None) -> list[Stage]:
+                     stage_steps: Optional[Sequence[int]] = None,
+                     mix: Optional[Sequence[tuple[str, float]]] = None) -> list[Stage]:
     """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1), or
     ``stage_steps`` (one count per stage) when given; ``retrieval_weight`` (when non-zero) on every
     stage but the copy warm-up; ``retrieval_roles`` on all; ``first_weight`` (when given)
-    replacing each stage's.
+    replacing each stage's; ``mix`` (when given, (task, weight) pairs from :func:`parse_mix`)
+    replacing the task mixture of every stage but the copy warm-up.
 
     One more count than there are stages appends a long stage (:func:`long_stage`: the last
     stage at ``LONG_STAGE_FACTOR`` times its lengths) with that many steps."""
@@ -1116,7 +1120,27 @@ def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieva
         out = [s if s.copy_only else dataclasses.replace(s, retrieval_weight=retrieval_weight) for s in out]
     if first_weight is not None:
         out = [dataclasses.replace(s, first_weight=first_weight) for s in out]
+    if mix is not None:
+        out = [s if s.copy_only else dataclasses.replace(s, mix=tuple(mix)) for s in out]
     return out
+
+
+def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """``"task:weight,task:weight"`` -> (task, weight) pairs, tasks from ``TRAIN_TASKS``, weights > 0."""
+    pairs = []
+    for item in (x.strip() for x in text.split(",")):
+        task, sep, weight = item.partition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = float("nan")
+        if not sep or task not in TRAIN_TASKS or not w > 0 or w == float("inf"):
+            raise ValueError(f"--mix requires comma-separated task:weight pairs with a task from {list(TRAIN_TASKS)} "
+                             f"and a finite weight > 0 (got {item!r} in {text!r})")
+        pairs.append((task, w))
+    if len({t for t, _ in pairs}) != len(pairs):
+        raise ValueError(f"--mix requires each task once (got {text!r})")
+    return tuple(pairs)
 
 
 def _parse(argv):
@@ -1167,6 +1191,9 @@ def _parse(argv):
     p.add_argument("--retrieval-roles", choices=RETRIEVAL_ROLES, default="full",
                    help="parts of the retrieval supervision: 'basic' (copying + gathering heads) or 'full' (also "
                         "a matching head for a value's first token, the key probe and the contrastive loss)")
+    p.add_argument("--mix", default=None, metavar="TASK:W,...",
+                   help="task mixture of the follow-up curriculum (--*-only runs), e.g. "
+                        "niah_multikey_2:3,niah_multivalue:1 (replaces the curriculum's own)")
     p.add_argument("--first-weight", type=float, default=None,
                    help="override the loss weight of each value's first digit in the follow-up curricula")
     p.add_argument("--stop-after-stage", type=int, default=3,
@@ -1194,6 +1221,12 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             stage_steps = [int(x) for x in args.stage_steps.split(",")]
         except ValueError:
             raise ValueError(f"--stage-steps requires comma-separated integers (got {args.stage_steps!r})") from None
+    mix = None
+    if args.mix is not None:
+        if not (args.continuation_only or args.polish_only or args.keymatch_only or args.retrieval_only):
+            raise ValueError("--mix requires one of --polish-only, --continuation-only, --keymatch-only, "
+                             f"--retrieval-only (got --mix {args.mix!r} without)")
+        mix = parse_mix(args.mix)
     handlers = [logging.StreamHandler()]
     if args.log_file:
         handlers.append(logging.FileHandler(args.log_file))
@@ -1225,9 +1258,9 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             tok = build_tokenizer(seed=args.seed, essay_words=essay)
             models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
-        def scaled(stages, first_weight=None, stage_steps=None):
+        def scaled(stages, first_weight=None, stage_steps=None, mix=None):
             return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight,
-                                    stage_steps)
+                                    stage_steps, mix)
 
         curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}
@@ -1258,7 +1291,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         for name, stages, seed_offset, wanted in follow_ups:
             if not wanted:
                 continue
-            stages = scaled(stages, args.first_weight, stage_steps)
+            stages = scaled(stages, args.first_weight, stage_steps, mix)
             logger.info("%s %s lr %g", name, [dataclasses.asdict(s) for s in stages], args.lr / 2)
             train(models, tok, stages, seed=args.seed + seed_offset, lr=args.lr / 2, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, warmup=20)

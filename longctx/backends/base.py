@@ -150,6 +150,26 @@ class BackendLayer(abc.ABC):
             ``[B, H, S, D]``.
         """
 
+    def ingest_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Build the cache of a prompt whose attention was computed elsewhere (no output).
+
+        TriForce's middle level shares the target's prefill this way: the full-cache level
+        computes the prompt's attention once and every other cache of the same model is
+        built from the same post-RoPE K/V. The default runs :meth:`prefill` on the last
+        query only (the contract allows a short query tail) and drops its output; methods
+        that learn from the prompt's queries override it to use them all.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[B, H, S, D]`` the prompt's queries, post-RoPE.
+        k, v : torch.Tensor
+            ``[B, Hkv, S, D]`` the prompt's keys (post-RoPE) and values.
+        positions : torch.Tensor
+            ``[B, S]`` int64 RoPE positions.
+        """
+        self.prefill(q[:, :, -1:], k, v, positions)
+
     @abc.abstractmethod
     def rollback(self, n_tokens: int) -> None:
         """Drop the last ``n_tokens`` tokens (speculative rejection). Prompt tokens may not be dropped."""

@@ -93,13 +93,17 @@ class RetrievalLayer(BackendLayer):
         self.build_seconds = 0.0
 
     # ---------------------------------------------------------------- prefill
-    def prefill(self, q, k, v, positions):
-        T = k.shape[2]
+    def _check_fall_back(self, T: int) -> None:
+        """Run dense attention (and log why) when the layer or a prompt of ``T`` tokens needs no index."""
         if self.ctx.sliding_window is not None:
             self._fall_back(f"layer uses a sliding window of {self.ctx.sliding_window}")
         elif T <= self.config.static_size:
             size = self.config.static_size
             self._fall_back(f"prompt of {T} tokens fits in the static set (n_sink + window = {size})")
+
+    def prefill(self, q, k, v, positions):
+        T = k.shape[2]
+        self._check_fall_back(T)
         if self._dense is not None:
             return self._dense.prefill(q, k, v, positions)
         # exact prompt attention; q may hold only the last Sq <= T prompt queries (bench)
@@ -107,6 +111,15 @@ class RetrievalLayer(BackendLayer):
         self.ingest(k, v, q)
         self.attended = None  # prefill is dense: every causal key
         return out
+
+    def ingest_prompt(self, q, k, v, positions):
+        # the attention-aware index learns from every prompt query, as in prefill()
+        self._check_fall_back(k.shape[2])
+        if self._dense is not None:
+            self._dense.ingest_prompt(q, k, v, positions)
+        else:
+            self.ingest(k, v, q)
+        self.attended = None
 
     def ingest(self, k: torch.Tensor, v: torch.Tensor, train_queries: Optional[torch.Tensor] = None) -> None:
         """Store a prompt's K/V and build the indexes, without computing attention outputs.
@@ -124,6 +137,7 @@ class RetrievalLayer(BackendLayer):
             attention-aware index has key-key edges only.
         """
         cfg = self.config
+        k, v = k.detach(), v.detach()  # the host tier and the indexes are numpy views: never part of a graph
         B, Hkv, T, D = k.shape
         if T <= cfg.static_size:
             raise ValueError(f"ingest requires more than n_sink + window = {cfg.static_size} tokens (got {T})")

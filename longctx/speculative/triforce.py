@@ -12,6 +12,8 @@ Three levels, each one model plus one :class:`~longctx.cache.LongCtxCache`:
 
 The target is patched once; its middle and top caches are two LongCtxCaches built on the
 same patch handle, and the attention function routes each forward by the cache passed in.
+The prompt goes through the target once: the full-cache prefill also builds the middle
+cache from the same K/V (:meth:`~longctx.cache.LongCtxCache.mirror_prefill`).
 Both verifications use :mod:`longctx.speculative.sampling` (greedy, or accept with
 ``min(1, p/q)`` and resample from the residual), so every emitted token is distributed as
 the target's own sampling, and equals it under greedy decoding, whatever the middle
@@ -353,11 +355,17 @@ class TriForceEngine:
         return seq.ids[:, C:]
 
     def prefill(self, seq: TokenSequence) -> None:
-        """Prefill the three caches with the prompt ``seq`` and append the first token (the target's own)."""
+        """Prefill the three caches with the prompt ``seq`` and append the first token (the target's own).
+
+        The target runs over the prompt once: its full-cache forward also builds the middle
+        cache from the same K/V (:meth:`LongCtxCache.mirror_prefill`), as the official code
+        builds its retrieval cache from the full one.
+        """
         P = len(seq)
         t0 = time.perf_counter()
-        first = self.rule.dist(seq, P, self.top.feed(seq, P, 1))[:, -1]
-        self.middle.feed(seq, P, 1)
+        with self.top.cache.mirror_prefill(self.middle.cache):
+            first = self.rule.dist(seq, P, self.top.feed(seq, P, 1))[:, -1]
+        self.middle.cached = P
         self.draft.feed(seq, P, 1)
         seq.append(self.rule.pick(first))
         self.stats.prefill_s = time.perf_counter() - t0
