@@ -151,6 +151,23 @@ def test_configure_stages_applies_the_cli_settings():
         tiny.train_tiny_main(["--stage-steps", "5,5", "--out-dir", "/nonexistent"])
 
 
+def test_mix_replaces_every_mixture_but_the_copy_warm_up():
+    mix = tiny.parse_mix("niah_multikey_2:3, niah_multivalue:0.5")
+    assert mix == (("niah_multikey_2", 3.0), ("niah_multivalue", 0.5))
+    main = tiny.configure_stages(tiny.CURRICULUM, mix=mix)
+    assert main[0].copy_only and main[0].mix == tiny.CURRICULUM[0].mix
+    assert all(s.mix == mix for s in main[1:])
+    longer = tiny.configure_stages(tiny.RETRIEVAL, stage_steps=[2, 3, 4], mix=mix)
+    assert [s.mix for s in longer] == [mix] * 3
+    for bad, what in [("niah_nothing:1", "task from"), ("niah_multikey_2", "task:weight"),
+                      ("niah_multikey_2:-1", "weight > 0"), ("copy:x", "weight > 0"),
+                      ("copy:1,copy:2", "each task once")]:
+        with pytest.raises(ValueError, match=what):
+            tiny.parse_mix(bad)
+    with pytest.raises(ValueError, match="--mix requires one of"):
+        tiny.train_tiny_main(["--mix", "copy:1", "--out-dir", "/nonexistent"])
+
+
 def test_basic_roles_fold_match_into_copy_and_skip_the_probe():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
