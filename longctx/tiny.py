@@ -215,6 +215,37 @@ def random_key(rng: random.Random) -> str:
     return f"{a}-{b}"
 
 
+def _by_prefix(words: Sequence[str], n: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for w in words:
+        out.setdefault(w[:n], []).append(w)
+    return out
+
+
+# adjectives by their first 1, 2 and 3 letters (near-miss keys)
+_ADJ_BY_PREFIX = {n: _by_prefix(_KEY_ADJ, n) for n in (1, 2, 3)}
+
+
+def near_key(rng: random.Random, key: str) -> str:
+    """A word key that differs from ``key`` but shares its start: the same adjective with another noun
+    (40%, and whenever no listed adjective shares its first letter), or an adjective with the same
+    first 1-3 letters and any noun (60%).
+
+    A model that matches keys by their first tokens confuses these with ``key`` (the seventh
+    session's target answered multikey_2 with the value of such a needle in every wrong answer
+    checked); training with them as distractors asks for the whole key.
+    """
+    adj, _, noun = key.partition("-")
+    while True:
+        pool = None
+        if rng.random() >= 0.4:  # the longest shared prefix of at most n letters that list adjectives have
+            n = rng.randint(1, 3)
+            pool = next((_ADJ_BY_PREFIX[m][adj[:m]] for m in range(n, 0, -1) if adj[:m] in _ADJ_BY_PREFIX[m]), None)
+        cand = f"{adj if pool is None else rng.choice(pool)}-{rng.choice(_KEY_NOUN)}"
+        if cand != key:
+            return cand
+
+
 def random_value(rng: random.Random, kind: str) -> str:
     """A value as RULER draws it: 7-digit number, word, or uuid4 string."""
     if kind == "numbers":
@@ -252,6 +283,7 @@ def niah_sample(
     essay_words: Sequence[str],
     extra_questions: int = 0,
     chat: bool = False,
+    hard_keys: float = 0.0,
 ) -> Sample:
     """Build a RULER NIAH prompt with ``n_units`` haystack units (lines for noise/needle, words for essay).
 
@@ -259,13 +291,20 @@ def niah_sample(
     or this tokenizer's chat template when ``chat``). ``answer`` is the training completion: the
     values in query order (multi-value: in order of appearance), e.g. ``" 1234567."``.
     ``extra_questions`` appends further question/answer turns about other needles in the text
-    (training only: more supervised answers per context).
+    (training only: more supervised answers per context). ``hard_keys`` (training only, word keys):
+    the chance that each further key or distractor needle's key is a near miss of the first key
+    (:func:`near_key`) rather than a random one.
     """
     haystack, type_k, type_v, k, v, q = RULER_NIAH_TASKS[task]
     k = max(k, q)
+    hard = hard_keys > 0 and type_k == "words"
+
+    def other_key():
+        return near_key(rng, keys[0]) if hard and rng.random() < hard_keys else random_value(rng, type_k)
+
     keys = []
     while len(keys) < k:
-        key = random_value(rng, type_k)
+        key = other_key() if keys else random_value(rng, type_k)
         if key not in keys:
             keys.append(key)
     values = [[random_value(rng, type_v) for _ in range(v)] for _ in range(k)]
@@ -287,8 +326,12 @@ def niah_sample(
         if haystack == "noise":
             lines = [NOISE_LINE] * n_units
         else:
+            taken = set(keys)
             for _ in range(n_units):
-                dk, dv = random_value(rng, type_k), random_value(rng, type_v)
+                dk, dv = other_key(), random_value(rng, type_v)
+                while hard and dk in taken:  # near misses collide more often than random keys; an
+                    dk = other_key()  # asked key among the distractors would have two values
+                taken.add(dk)
                 distractors.append((dk, dv))
             lines = [NEEDLE.format(type_needle_v=type_v, key=dk, value=dv) for dk, dv in distractors]
         for pos, needle in zip(sorted(rng.sample(range(len(lines) + 1), len(needles)), reverse=True), needles):
@@ -497,6 +540,7 @@ class SampleStream:
         self.copy_only = False  # a stage of pure copy text (the induction warm-up)
         self.want_spans = False  # record retrieval targets (tiny_retrieval.answer_targets) per sample
         self.last_spans: list[dict] = []
+        self.hard_keys = 0.0  # near-miss distractor keys (niah_sample), set per stage
 
     def set_mix(self, mix: Sequence[tuple[str, float]]) -> None:
         """Draw tasks from ``mix`` ((task, weight) pairs) from now on."""
@@ -556,7 +600,8 @@ class SampleStream:
             if task == "vt":
                 s = vt_sample(rng, units)
             else:
-                s = niah_sample(rng, task, units, self.essay, extra_questions=extra_questions, chat=chat)
+                s = niah_sample(rng, task, units, self.essay, extra_questions=extra_questions, chat=chat,
+                                hard_keys=self.hard_keys)
             spans = self.want_spans and task != "vt"  # offsets only when the retrieval targets are wanted
             p_enc = self.tok(s.prompt, return_offsets_mapping=spans)
             a_enc = self.tok(s.answer, add_special_tokens=False, return_offsets_mapping=spans)
@@ -619,7 +664,7 @@ class Stage:
     weight of the last token of every copied span, ``first_weight``: of the first digit of every
     value (see :func:`final_token_weights`); ``retrieval_weight``: weight of the retrieval
     supervision (:mod:`longctx.tiny_retrieval`), ``retrieval_roles``: which of its parts
-    (``RETRIEVAL_ROLES``).
+    (``RETRIEVAL_ROLES``); ``hard_keys``: chance of a near-miss key per distractor (:func:`niah_sample`).
     """
 
     steps: int
@@ -635,8 +680,11 @@ class Stage:
     first_weight: float = 1.0
     retrieval_weight: float = 0.0
     retrieval_roles: str = "full"
+    hard_keys: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.hard_keys <= 1.0:
+            raise ValueError(f"Stage requires hard_keys in [0, 1] (got {self.hard_keys!r})")
         if self.retrieval_roles not in RETRIEVAL_ROLES:
             raise ValueError(f"Stage requires retrieval_roles in {RETRIEVAL_ROLES} (got {self.retrieval_roles!r})")
 
@@ -885,6 +933,7 @@ def train(
         stream.copy_only = stage.copy_only
         stream.want_spans = stage.retrieval_weight > 0
         stream.set_mix(stage.mix or base_mix)
+        stream.hard_keys = stage.hard_keys
         weights_fn = None
         if stage.final_weight != 1.0 or stage.first_weight != 1.0:
             weights_fn = functools.partial(final_token_weights, digit_ids=digit_ids, weight=stage.final_weight,
@@ -1096,12 +1145,14 @@ def long_stage(last: Stage) -> Stage:
 def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieval_weight: float = 0.0,
                      retrieval_roles: str = "full", first_weight: Optional[float] = None,
                      stage_steps: Optional[Sequence[int]] = None,
-                     mix: Optional[Sequence[tuple[str, float]]] = None) -> list[Stage]:
+                     mix: Optional[Sequence[tuple[str, float]]] = None,
+                     hard_keys: Optional[float] = None) -> list[Stage]:
     """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1), or
     ``stage_steps`` (one count per stage) when given; ``retrieval_weight`` (when non-zero) on every
     stage but the copy warm-up; ``retrieval_roles`` on all; ``first_weight`` (when given)
     replacing each stage's; ``mix`` (when given, (task, weight) pairs from :func:`parse_mix`)
-    replacing the task mixture of every stage but the copy warm-up.
+    replacing the task mixture of every stage but the copy warm-up; ``hard_keys`` (when given)
+    replacing each stage's.
 
     One more count than there are stages appends a long stage (:func:`long_stage`: the last
     stage at ``LONG_STAGE_FACTOR`` times its lengths) with that many steps."""
@@ -1122,6 +1173,8 @@ def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieva
         out = [dataclasses.replace(s, first_weight=first_weight) for s in out]
     if mix is not None:
         out = [s if s.copy_only else dataclasses.replace(s, mix=tuple(mix)) for s in out]
+    if hard_keys is not None:
+        out = [dataclasses.replace(s, hard_keys=hard_keys) for s in out]
     return out
 
 
@@ -1194,6 +1247,9 @@ def _parse(argv):
     p.add_argument("--mix", default=None, metavar="TASK:W,...",
                    help="task mixture of the follow-up curriculum (--*-only runs), e.g. "
                         "niah_multikey_2:3,niah_multivalue:1 (replaces the curriculum's own)")
+    p.add_argument("--hard-keys", type=float, default=None, metavar="P",
+                   help="in every stage, the chance that a distractor needle's word key is a near miss of the "
+                        "asked key (same adjective, or same first letters); e.g. 0.5")
     p.add_argument("--first-weight", type=float, default=None,
                    help="override the loss weight of each value's first digit in the follow-up curricula")
     p.add_argument("--stop-after-stage", type=int, default=3,
@@ -1221,6 +1277,8 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             stage_steps = [int(x) for x in args.stage_steps.split(",")]
         except ValueError:
             raise ValueError(f"--stage-steps requires comma-separated integers (got {args.stage_steps!r})") from None
+    if args.hard_keys is not None and not 0.0 <= args.hard_keys <= 1.0:
+        raise ValueError(f"--hard-keys requires a probability in [0, 1] (got {args.hard_keys})")
     mix = None
     if args.mix is not None:
         if not (args.continuation_only or args.polish_only or args.keymatch_only or args.retrieval_only):
@@ -1260,7 +1318,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
         def scaled(stages, first_weight=None, stage_steps=None, mix=None):
             return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight,
-                                    stage_steps, mix)
+                                    stage_steps, mix, args.hard_keys)
 
         curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}

@@ -174,3 +174,25 @@ def test_average_checkpoints_is_the_mean_and_checks_its_sources(tmp_path):
         tiny.average_checkpoints([tmp_path / "run0"], tmp_path / "bad")
     with pytest.raises(ValueError, match="missing"):
         tiny.average_checkpoints([tmp_path / "run0", tmp_path / "nowhere"], tmp_path / "bad")
+
+
+def test_hard_keys_make_near_miss_distractors_and_default_to_the_old_stream():
+    rng = random.Random(3)
+    for _ in range(200):
+        key = tiny.random_key(rng)
+        near = tiny.near_key(rng, key)
+        assert near != key and near.count("-") >= 1
+        assert near.split("-")[0] == key.split("-")[0] or near[0] == key[0]
+    s = tiny.niah_sample(random.Random(5), "niah_multikey_2", 40, [], hard_keys=1.0)
+    lines = [ln for ln in s.prompt.splitlines() if ln.startswith("One of the special magic numbers for ")]
+    keys = [ln.split(" for ")[1].split(" is:")[0] for ln in lines]
+    asked = s.prompt.split("What is the special magic number for ")[1].split(" mentioned")[0]
+    assert len(keys) == 41 and keys.count(asked) == 1 and len(set(keys)) == 41  # no key twice
+    assert all(k[0] == asked[0] for k in keys)  # every distractor starts like the asked key
+    plain = tiny.niah_sample(random.Random(5), "niah_multikey_2", 40, [])
+    assert tiny.niah_sample(random.Random(5), "niah_multikey_2", 40, [], hard_keys=0.0).prompt == plain.prompt
+    with pytest.raises(ValueError, match="hard_keys"):
+        tiny.Stage(steps=1, min_len=8, max_len=8, batch_size=1, hard_keys=1.5)
+    assert all(st.hard_keys == 0.5 for st in tiny.configure_stages(tiny.RETRIEVAL, hard_keys=0.5))
+    with pytest.raises(ValueError, match="--hard-keys requires"):
+        tiny.train_tiny_main(["--hard-keys", "2", "--out-dir", "/nonexistent"])
