@@ -157,6 +157,9 @@ class LongCtxLayer(CacheLayerBase):
             out = self._prefill(q, k, v, positions, padding_mask)
             if self.mirror is not None:
                 self.mirror.ingest_prompt(q, k, v, positions, padding_mask)
+        elif self.mirror is not None:
+            raise RuntimeError("mirror_prefill covers one prefill forward over the whole prompt; this cache already "
+                               "holds a prompt (chunked prefill or decoding inside the block would leave the mirror behind)")
         else:
             out = self._decode(q, k, v, positions)
         self.length += S

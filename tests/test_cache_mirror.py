@@ -55,6 +55,9 @@ def test_mirror_prefill_rejects_a_filled_or_mismatched_cache(gen):
         with pytest.raises(ValueError, match="requires an empty cache"):
             with top.mirror_prefill(other):
                 pass
+        with pytest.raises(RuntimeError, match="covers one prefill forward"):
+            with other.mirror_prefill(build_cache(handle, "dense")):
+                _step(model, other, prompt[:, :5], 40)  # a second chunk would not reach the mirror
         short = longctx.cache.LongCtxCache(lambda ctx: None, handle.contexts[:1])
         with pytest.raises(ValueError, match="requires a cache with 2 layers"):
             with top.mirror_prefill(short):
