@@ -231,11 +231,12 @@ def near_key(rng: random.Random, key: str) -> str:
     (40%, and whenever no listed adjective shares its first letter), or an adjective with the same
     first 1-3 letters and any noun (60%).
 
-    A model that matches keys by their first tokens confuses these with ``key`` (the seventh
-    session's target answered multikey_2 with the value of such a needle in every wrong answer
-    checked); training with them as distractors asks for the whole key.
+    A model that matches keys by their first tokens confuses these with ``key``: when a
+    continuation of the seventh session's target answered multikey_2 with another needle's value,
+    that needle's key began with the asked key's letter 20 times in 21 (5.5% of needles do by
+    chance). Training with them as distractors asks for the whole key.
     """
-    adj, _, noun = key.partition("-")
+    adj = key.partition("-")[0]
     while True:
         pool = None
         if rng.random() >= 0.4:  # the longest shared prefix of at most n letters that list adjectives have
