@@ -68,6 +68,7 @@ def run_ruler_demo(args: argparse.Namespace, emit=logger.info) -> int:
         max_new_tokens=args.max_new_tokens or 48,
         dtype="float32",
         device="cpu",
+        replace_stale=True,  # the demo owns its folder: results of another model (e.g. retrained weights) are redone
     )
     emit(f"longctx demo: RULER {', '.join(tasks)} at {lengths} tokens, {args.samples} samples each, "
           f"bundled tiny target, backends {[b.label for b in spec.backends]}")

@@ -83,6 +83,8 @@ class EvalSpec:
     max_new_tokens : override every task's generation length (default: the official ones).
     dtype, device : model dtype (``auto`` keeps the checkpoint's) and device (``auto``: the
         process's GPU when there is one, else CPU).
+    replace_stale : a results folder written with another model (config or weights) or
+        configuration is emptied and recomputed instead of raising (the demo's own folder).
     """
 
     benchmark: str
@@ -106,6 +108,7 @@ class EvalSpec:
     max_new_tokens: Optional[int] = None
     dtype: str = "auto"
     device: str = "auto"
+    replace_stale: bool = False
 
     def __post_init__(self):
         if self.benchmark not in BENCHMARKS:
@@ -195,6 +198,35 @@ def _tokenizer_digest(path: str) -> str:
 def _model_config_digest(path: str) -> Optional[str]:
     p = Path(path) / "config.json"
     return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_DIGEST_BLOCK = 1 << 16  # bytes read per sampled block
+
+
+def _model_weights_digest(path: str) -> Optional[str]:
+    """A sampled digest of the model folder's weight files: names, sizes and 18 blocks of each.
+
+    Reads ~1 MiB per file whatever its size, so it is cheap for 16 GB checkpoints, and it
+    changes when weights are retrained or replaced under the same name and config (a single
+    edited value between the sampled blocks goes unnoticed). ``None`` when the folder holds no
+    weight file (a hub id resolved elsewhere).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            for i in range(18):  # the first and last block and 16 evenly spaced ones
+                fh.seek(max(0, min(size - _DIGEST_BLOCK, i * max(size - _DIGEST_BLOCK, 0) // 17)))
+                h.update(fh.read(_DIGEST_BLOCK))
+    return h.hexdigest()
 
 
 def _select_device(spec: EvalSpec, state: Any):
@@ -611,17 +643,23 @@ def _needs_rewrite(path: Path, rows: list[dict]) -> bool:
 def _fingerprint(record: dict[str, Any]) -> str:
     keys = ("benchmark", "model", "backend", "generation", "seed")  # prompts are checked per sample (prompt_sha)
     core = {k: record.get(k) for k in keys}
-    core["model"] = {k: (record.get("model") or {}).get(k) for k in ("path", "config_sha256", "dtype")}
+    core["model"] = {k: (record.get("model") or {}).get(k) for k in ("path", "config_sha256", "weights_sha256", "dtype")}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_compatible(run_dir: Path, fingerprint: str) -> None:
+def _check_compatible(run_dir: Path, fingerprint: str, replace_stale: bool = False) -> None:
     path = run_dir / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old.get("fingerprint") not in (None, fingerprint):
+        if old.get("fingerprint") not in (None, fingerprint) and replace_stale:
+            logger.warning("results folder %s holds a run with another model or configuration (fingerprint %s != %s): "
+                           "its results are removed and recomputed", run_dir, old.get("fingerprint"), fingerprint)
+            for stale in [path, run_dir / "metrics.json", run_dir / "summary.md", *run_dir.glob("predictions*.jsonl")]:
+                stale.unlink(missing_ok=True)
+        elif old.get("fingerprint") not in (None, fingerprint):
             raise ValueError(
-                f"results folder {run_dir} holds a run with a different model, backend config, dtype, seed or "
+                f"results folder {run_dir} holds a run with a different model (config or weights), backend config, "
+                "dtype, seed or "
                 "generation settings "
                 f"(fingerprint {old.get('fingerprint')} != {fingerprint}); use another --output or remove the folder"
             )
@@ -674,6 +712,7 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
     model = None
     eos_ids = _eos_ids(model_path, model_cfg, tokenizer)
     all_metrics: dict[str, dict[str, Any]] = {}
+    weights_digest = _model_weights_digest(model_path)
     for b in spec.backends:
         bspec, bconfig = configs[b.label]
         run_dir = out_root / res.run_dir_name(spec.bench_label, model_label, b.name, b.options)
@@ -684,6 +723,7 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
                 "name": spec.model,
                 "model_type": getattr(model_cfg, "model_type", None),
                 "config_sha256": _model_config_digest(model_path),
+                "weights_sha256": weights_digest,
                 "dtype": spec.dtype,
             },
             "backend": {"name": bspec.name, "options": dict(b.options), "config": bconfig.to_dict()},
@@ -699,7 +739,7 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
         fingerprint = _fingerprint(record)
         if state.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _check_compatible(run_dir, fingerprint)
+            _check_compatible(run_dir, fingerprint, spec.replace_stale)
             repair_tail(run_dir / "predictions.jsonl")
         state.wait_for_everyone()
         done = _load_done(run_dir, samples)

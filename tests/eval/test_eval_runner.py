@@ -89,7 +89,35 @@ def test_interrupted_run_resumes_only_missing(tiny_eval_model, tmp_path, monkeyp
     # the same folder with another seed is refused instead of mixing runs
     capsys.readouterr()
     assert cli.main(args + ["--seed", "7"]) == 2
-    assert "different model, backend config, dtype, seed" in capsys.readouterr().err
+    assert "different model (config or weights), backend config, dtype, seed" in capsys.readouterr().err
+
+
+def test_changed_weights_under_the_same_name_are_not_reused(tiny_eval_model, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_eval_model, model_dir)
+    out = tmp_path / "res"
+    args = ["ruler", "--model", str(model_dir), *RULER_ARGS, "--output", str(out)]
+    assert cli.main(args) == 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(model_dir)  # "retrained": same config, same folder, other weights
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert "different model (config or weights)" in capsys.readouterr().err
+    spec = runner.EvalSpec(benchmark="ruler", model=str(model_dir), output=str(out), lengths=[768],
+                           tasks=["niah_single_1"], samples=1, replace_stale=True)
+    pred = out / "ruler__m__dense" / "predictions.jsonl"
+    before = pred.read_text()
+    runner.run_eval(spec)  # the demo's way: the stale folder is redone
+    after = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert [r["id"] for r in after] == ["niah_single_1/768/0"] and pred.read_text() != before
 
 
 def test_longbench_and_niah_runs(tiny_eval_model, tmp_path):
