@@ -222,9 +222,10 @@ def _model_weights_digest(path: str) -> Optional[str]:
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
+        last = max(size - _DIGEST_BLOCK, 0)  # offset of the last block
         with f.open("rb") as fh:
-            for i in range(18):  # the first and last block and 16 evenly spaced ones
-                fh.seek(max(0, min(size - _DIGEST_BLOCK, i * max(size - _DIGEST_BLOCK, 0) // 17)))
+            for i in range(18):  # the first and the last block and 16 evenly spaced between them
+                fh.seek(i * last // 17)
                 h.update(fh.read(_DIGEST_BLOCK))
     return h.hexdigest()
 
