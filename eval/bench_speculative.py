@@ -331,13 +331,9 @@ def _triforce_methods(target, draft, ids, args, eos, middles) -> list[_Method]:
             # that also builds the middle cache (mirror_prefill); that full cache is a stand-in for
             # the shared `top` so that its time is this row's
             mid = Level(target, build_cache(th, middle, opts or None))
-            stand_in = build_cache(th, "dense")
             t0 = time.perf_counter()
-            with stand_in.mirror_prefill(mid.cache):
-                Level(target, stand_in).feed(seq0, P, 1)
-            mid.cached = P
+            Level(target, build_cache(th, "dense")).feed_prompt_with(mid, seq0, 1)
             levels.append((middle, opts, mid, time.perf_counter() - t0))
-            del stand_in
 
     def make_round(mid):
         def round_fn():

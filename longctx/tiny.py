@@ -1188,7 +1188,7 @@ def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
             w = float(weight)
         except ValueError:
             w = float("nan")
-        if not sep or task not in TRAIN_TASKS or not w > 0 or w == float("inf"):
+        if not sep or task not in TRAIN_TASKS or not (math.isfinite(w) and w > 0):
             raise ValueError(f"--mix requires comma-separated task:weight pairs with a task from {list(TRAIN_TASKS)} "
                              f"and a finite weight > 0 (got {item!r} in {text!r})")
         pairs.append((task, w))
@@ -1269,9 +1269,11 @@ def _parse(argv):
 def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: build the tokenizer, train target and draft, save them, run a quick evaluation."""
     args = _parse(argv)
+    # how many follow-up curricula run alone (--polish-only, --continuation-only, ...)
+    n_only = sum(map(bool, (args.continuation_only, args.polish_only, args.keymatch_only, args.retrieval_only)))
     stage_steps = None
     if args.stage_steps is not None:
-        if sum(map(bool, (args.continuation_only, args.polish_only, args.keymatch_only, args.retrieval_only))) != 1:
+        if n_only != 1:
             raise ValueError("--stage-steps requires exactly one of --polish-only, --continuation-only, "
                              f"--keymatch-only, --retrieval-only (got --stage-steps {args.stage_steps!r} without)")
         try:
@@ -1282,7 +1284,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError(f"--hard-keys requires a probability in [0, 1] (got {args.hard_keys})")
     mix = None
     if args.mix is not None:
-        if not (args.continuation_only or args.polish_only or args.keymatch_only or args.retrieval_only):
+        if not n_only:
             raise ValueError("--mix requires one of --polish-only, --continuation-only, --keymatch-only, "
                              f"--retrieval-only (got --mix {args.mix!r} without)")
         mix = parse_mix(args.mix)
@@ -1334,8 +1336,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info("stage %d checkpoint after %.1f min (stage end or --save-every); saved to %s", si,
                         (time.time() - t0) / 60, out)
 
-        only = args.continuation_only or args.polish_only or args.keymatch_only or args.retrieval_only
-        if not only:
+        if not n_only:
             train(models, tok, curriculum, seed=args.seed + args.from_stage, lr=args.lr, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=30,
                   stop_after_stage=args.stop_after_stage)
@@ -1343,7 +1344,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         follow_ups = [
             ("continuation", CONTINUATION, 100, args.continuation or args.continuation_only),
             ("polish", POLISH, 200,
-             (args.polish and not only) or args.polish_only),
+             (args.polish and not n_only) or args.polish_only),
             ("keymatch", KEYMATCH, 300, args.keymatch or args.keymatch_only),
             ("retrieval", RETRIEVAL, 400, args.retrieval or args.retrieval_only),
         ]

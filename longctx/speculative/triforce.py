@@ -143,6 +143,17 @@ class Level:
         self.seconds += time.perf_counter() - t0
         return out.logits[:, -keep:]
 
+    def feed_prompt_with(self, other: "Level", seq: "TokenSequence", keep: int) -> torch.Tensor:
+        """Prefill the whole prompt ``seq`` through this level; the same forward builds ``other``'s cache.
+
+        ``other`` is a level of the same model with an empty cache (``LongCtxCache.mirror_prefill``).
+        Returns this level's last ``keep`` logits ``[B, keep, V]``.
+        """
+        with self.cache.mirror_prefill(other.cache):
+            logits = self.feed(seq, len(seq), keep)
+        other.cached = len(seq)
+        return logits
+
     def truncate(self, length: int) -> None:
         """Roll the cache back to the first ``length`` tokens of the sequence."""
         if self.cached > length:
@@ -363,9 +374,7 @@ class TriForceEngine:
         """
         P = len(seq)
         t0 = time.perf_counter()
-        with self.top.cache.mirror_prefill(self.middle.cache):
-            first = self.rule.dist(seq, P, self.top.feed(seq, P, 1))[:, -1]
-        self.middle.cached = P
+        first = self.rule.dist(seq, P, self.top.feed_prompt_with(self.middle, seq, 1))[:, -1]
         self.draft.feed(seq, P, 1)
         seq.append(self.rule.pick(first))
         self.stats.prefill_s = time.perf_counter() - t0
