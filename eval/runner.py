@@ -651,19 +651,19 @@ def _fingerprint(record: dict[str, Any]) -> str:
 def _check_compatible(run_dir: Path, fingerprint: str, replace_stale: bool = False) -> None:
     path = run_dir / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("fingerprint") not in (None, fingerprint) and replace_stale:
-            logger.warning("results folder %s holds a run with another model or configuration (fingerprint %s != %s): "
-                           "its results are removed and recomputed", run_dir, old.get("fingerprint"), fingerprint)
-            for stale in [path, run_dir / "metrics.json", run_dir / "summary.md", *run_dir.glob("predictions*.jsonl")]:
-                stale.unlink(missing_ok=True)
-        elif old.get("fingerprint") not in (None, fingerprint):
+        previous = json.loads(path.read_text()).get("fingerprint")
+        if previous in (None, fingerprint):
+            return
+        if not replace_stale:
             raise ValueError(
                 f"results folder {run_dir} holds a run with a different model (config or weights), backend config, "
-                "dtype, seed or "
-                "generation settings "
-                f"(fingerprint {old.get('fingerprint')} != {fingerprint}); use another --output or remove the folder"
+                f"dtype, seed or generation settings (fingerprint {previous} != {fingerprint}); use another --output "
+                "or remove the folder"
             )
+        logger.warning("results folder %s holds a run with another model or configuration (fingerprint %s != %s): "
+                       "its results are removed and recomputed", run_dir, previous, fingerprint)
+        for stale in [path, run_dir / "metrics.json", run_dir / "summary.md", *run_dir.glob("predictions*.jsonl")]:
+            stale.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the run
