@@ -665,7 +665,9 @@ class Stage:
     weight of the last token of every copied span, ``first_weight``: of the first digit of every
     value (see :func:`final_token_weights`); ``retrieval_weight``: weight of the retrieval
     supervision (:mod:`longctx.tiny_retrieval`), ``retrieval_roles``: which of its parts
-    (``RETRIEVAL_ROLES``); ``hard_keys``: chance of a near-miss key per distractor (:func:`niah_sample`).
+    (``RETRIEVAL_ROLES``); ``hard_keys``: chance of a near-miss key per distractor (:func:`niah_sample`);
+    ``gather_spread``: the gathering head is trained to attend to every key token evenly
+    (:func:`longctx.tiny_retrieval.retrieval_loss` with ``spread``) rather than to any of them.
     """
 
     steps: int
@@ -682,6 +684,7 @@ class Stage:
     retrieval_weight: float = 0.0
     retrieval_roles: str = "full"
     hard_keys: float = 0.0
+    gather_spread: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.hard_keys <= 1.0:
@@ -835,11 +838,12 @@ def _role_targets(spans: Sequence[dict], roles: str) -> list[dict]:
 
 
 def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenProbes] = None, pad_id: int = 0,
-          weights_fn=None, spans=None, key_probe=None, roles: str = "full"):
+          weights_fn=None, spans=None, key_probe=None, roles: str = "full", gather_spread: bool = False):
     """Weighted mean over sequences of each sequence's mean token loss, the probes' loss (0 without
     probes), the retrieval loss (0 without ``spans``; plus ``key_probe``'s loss when given) and the
     per-sequence losses [B]; ``weights_fn(target)`` gives per-token weights; ``spans`` are the
-    per-row retrieval targets, ``roles`` which parts of the supervision apply (``RETRIEVAL_ROLES``)."""
+    per-row retrieval targets, ``roles`` which parts of the supervision apply (``RETRIEVAL_ROLES``),
+    ``gather_spread`` the uniform-attention loss for the gathering head."""
     from longctx.tiny_retrieval import capturing, contrast_loss, retrieval_loss
 
     heads = supervised_heads(model.config, roles)
@@ -857,7 +861,8 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
             gather = [row.get("gather", []) for row in spans]
             ret = ret + key_probe.loss(model, out.hidden_states[heads["gather"][0] + 1], ids, gather)
     if spans is not None:
-        ret = ret + sum(retrieval_loss(store, [row.get(role, []) for row in spans], layer, head)
+        ret = ret + sum(retrieval_loss(store, [row.get(role, []) for row in spans], layer, head,
+                                       spread=gather_spread and role == "gather")
                         for role, (layer, head) in heads.items())
         if roles == "full":
             ret = ret + contrast_loss(store, spans, *heads["gather"])
@@ -948,7 +953,7 @@ def train(
                 pr = probes.get(n) if stage.aux_weight > 0 else None
                 spans = stream.last_spans if stage.retrieval_weight > 0 else None
                 loss, aux, ret, per_seq = _loss(m, ids, labels, pos, autocast, pr, tokenizer.pad_token_id, weights_fn,
-                                                spans, key_probes.get(n), stage.retrieval_roles)
+                                                spans, key_probes.get(n), stage.retrieval_roles, stage.gather_spread)
                 if n == next(iter(models)):
                     for task, v in zip(stream.last_tasks, per_seq.tolist()):
                         kind = by_kind["copy" if task == "copy" else "niah"]
@@ -1147,13 +1152,13 @@ def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieva
                      retrieval_roles: str = "full", first_weight: Optional[float] = None,
                      stage_steps: Optional[Sequence[int]] = None,
                      mix: Optional[Sequence[tuple[str, float]]] = None,
-                     hard_keys: Optional[float] = None) -> list[Stage]:
+                     hard_keys: Optional[float] = None, gather_spread: Optional[bool] = None) -> list[Stage]:
     """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1), or
     ``stage_steps`` (one count per stage) when given; ``retrieval_weight`` (when non-zero) on every
     stage but the copy warm-up; ``retrieval_roles`` on all; ``first_weight`` (when given)
     replacing each stage's; ``mix`` (when given, (task, weight) pairs from :func:`parse_mix`)
-    replacing the task mixture of every stage but the copy warm-up; ``hard_keys`` (when given)
-    replacing each stage's.
+    replacing the task mixture of every stage but the copy warm-up; ``hard_keys`` and
+    ``gather_spread`` (when given) replacing each stage's.
 
     One more count than there are stages appends a long stage (:func:`long_stage`: the last
     stage at ``LONG_STAGE_FACTOR`` times its lengths) with that many steps."""
@@ -1176,6 +1181,8 @@ def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieva
         out = [s if s.copy_only else dataclasses.replace(s, mix=tuple(mix)) for s in out]
     if hard_keys is not None:
         out = [dataclasses.replace(s, hard_keys=hard_keys) for s in out]
+    if gather_spread is not None:
+        out = [dataclasses.replace(s, gather_spread=gather_spread) for s in out]
     return out
 
 
@@ -1251,6 +1258,9 @@ def _parse(argv):
     p.add_argument("--hard-keys", type=float, default=None, metavar="P",
                    help="in every stage, the chance that a distractor needle's word key is a near miss of the "
                         "asked key (same adjective, or same first letters); e.g. 0.5")
+    p.add_argument("--gather-spread", action="store_true",
+                   help="train the key-gathering head to attend to every key token evenly (uniform-target "
+                        "loss) instead of to any of them (attention-mass loss)")
     p.add_argument("--first-weight", type=float, default=None,
                    help="override the loss weight of each value's first digit in the follow-up curricula")
     p.add_argument("--stop-after-stage", type=int, default=3,
@@ -1321,7 +1331,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
         def scaled(stages, first_weight=None, stage_steps=None, mix=None):
             return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight,
-                                    stage_steps, mix, args.hard_keys)
+                                    stage_steps, mix, args.hard_keys, args.gather_spread or None)
 
         curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}

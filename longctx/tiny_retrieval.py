@@ -136,15 +136,24 @@ def answer_targets(text: str, offsets: Sequence[tuple[int, int]], prompt_chars: 
     return {"match": match, "copy": copy, "gather": gather, "contrast": contrast, "needles": needles}
 
 
-def retrieval_loss(store: dict, spans: Sequence[Sequence[tuple[int, int, int]]], layer: int, head: int
-                   ) -> torch.Tensor:
-    """``-log`` of one head's attention mass on its target tokens, averaged over all targets.
+def retrieval_loss(store: dict, spans: Sequence[Sequence[tuple[int, int, int]]], layer: int, head: int,
+                   spread: bool = False) -> torch.Tensor:
+    """``-log`` of one head's attention mass on its target tokens, averaged over all targets; with
+    ``spread``, ``KL(uniform over the targets || attention)`` instead.
+
+    The mass loss is met by attending to any one target token. For the gathering head that is not
+    enough: the shipped C3 target put 93-100% of its gathering attention on the key's *second*
+    token (``'i'`` of ``'Ġwh','i','m','s','ic','al','-',...``), so the gathered key named only the
+    first pieces of the first word, and multikey answers came from needles whose keys start alike.
+    ``spread`` asks for every token of the key (``-mean_j log p_j - log n``, zero only for uniform
+    attention on the ``n`` targets).
 
     Parameters
     ----------
     store : ``layer_idx -> (q [B, H, S, D], k [B, Hkv, S, D], scaling)`` from :func:`capturing`.
     spans : per batch row, ``(t, s0, s1)`` targets (one role of :func:`answer_targets`).
     layer, head : the supervised head.
+    spread : the uniform-target loss instead of the mass loss.
 
     Returns
     -------
@@ -163,7 +172,11 @@ def retrieval_loss(store: dict, spans: Sequence[Sequence[tuple[int, int, int]]],
         logp = torch.log_softmax(scores, dim=-1)
         inside = (pos[None] >= torch.tensor([r[1] for r in row])[:, None]) & (
             pos[None] <= torch.tensor([r[2] for r in row])[:, None])
-        losses.append(-torch.logsumexp(logp.masked_fill(~inside, float("-inf")), dim=-1))
+        if spread:
+            n = inside.sum(-1)
+            losses.append(-(logp.masked_fill(~inside, 0.0)).sum(-1) / n - torch.log(n.float()))
+        else:
+            losses.append(-torch.logsumexp(logp.masked_fill(~inside, float("-inf")), dim=-1))
     if not losses:
         return torch.zeros(())
     return torch.cat(losses).mean()

@@ -63,6 +63,49 @@ def test_retrieval_loss_matches_eager_attention():
     assert model.config._attn_implementation == "eager"
 
 
+def test_spread_loss_is_zero_only_for_even_attention_on_the_targets():
+    # one query at t=9 over 10 keys, D=1: the score of key j is c * k_j; targets are keys 2..5
+    torch.manual_seed(1)
+    noise = 0.1 * torch.randn(10)
+
+    def losses(on_targets):
+        k = (-1.0 + noise).clone()
+        k[on_targets] = 1.0
+        q = torch.full((1, 1, 10, 1), 40.0)
+        store = {0: (q, k.view(1, 1, 10, 1), 1.0)}
+        return (retrieval_loss(store, [[(9, 2, 5)]], 0, 0).item(),
+                retrieval_loss(store, [[(9, 2, 5)]], 0, 0, spread=True).item())
+
+    even_mass, even_spread = losses([2, 3, 4, 5])
+    one_mass, one_spread = losses([3])
+    assert even_mass < 1e-6 and one_mass < 1e-6  # the mass loss cannot tell them apart
+    assert abs(even_spread) < 1e-5  # KL(uniform || attention) is 0 for even attention on the targets
+    assert one_spread > 10.0  # and large when one target takes all the attention
+
+
+def test_gather_spread_reaches_the_stages_and_the_loss():
+    stages = tiny.configure_stages(tiny.RETRIEVAL, gather_spread=True)
+    assert all(s.gather_spread for s in stages) and not any(s.gather_spread for s in tiny.RETRIEVAL)
+    assert not any(s.gather_spread for s in tiny.configure_stages(tiny.RETRIEVAL))
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaked attention (a random model's is nearly even, where both losses agree)
+        model.model.layers[tiny.supervised_heads(cfg)["gather"][0]].self_attn.q_proj.weight.mul_(30.0)
+    ids = torch.randint(3, 64, (1, 40))
+    spans = [{"gather": [(30, 5, 12)], "copy": [(31, 20, 20)]}]
+    args = (model, ids, ids.clone(), torch.arange(40)[None], False, None, 0, None, spans, None, "basic")
+    with torch.no_grad():
+        plain = tiny._loss(*args)[2]
+        spread = tiny._loss(*args, gather_spread=True)[2]
+        with capturing(model) as store:
+            model(ids)
+            gather = retrieval_loss(store, [spans[0]["gather"]], *tiny.supervised_heads(cfg)["gather"], spread=True)
+            copy = retrieval_loss(store, [spans[0]["copy"]], *tiny.supervised_heads(cfg, "basic")["copy"])
+    assert torch.allclose(spread, gather + copy, atol=1e-5) and not torch.allclose(plain, spread)
+
+
 def test_retrieval_weight_trains_the_attention():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
