@@ -1273,7 +1273,22 @@ def _parse(argv):
     p.add_argument("--eval-tasks", default=",".join(DONE_WHEN_TASKS), help="comma-separated RULER NIAH tasks")
     p.add_argument("--agreement-lengths", default="4096", help="lengths at which draft agreement is measured")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
+    p.add_argument("--circuit-report", default=None, metavar="TASK:LENGTH:N",
+                   help="with --eval-only: how the target's supervised heads behave on N training-format "
+                        "prompts of TASK at LENGTH tokens (longctx.tiny_retrieval.circuit_report), as JSON")
     return p.parse_args(argv)
+
+
+def _print_circuit_report(target, tok, spec: str) -> int:
+    from longctx.tiny_retrieval import circuit_report
+
+    task, _, rest = spec.partition(":")
+    length, _, n = rest.partition(":")
+    if not (length.isdigit() and n.isdigit()):
+        raise ValueError(f"--circuit-report requires TASK:LENGTH:N, e.g. niah_multikey_2:4096:8 (got {spec!r})")
+    report = circuit_report(target, tok, task, int(length), int(n))
+    sys.stdout.write(json.dumps({"task": task, "length": int(length), **report}, indent=1) + "\n")
+    return 0
 
 
 def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1316,6 +1331,8 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.eval_only or args.average:
         tok = AutoTokenizer.from_pretrained(out / "tiny-target")
         target = AutoModelForCausalLM.from_pretrained(out / "tiny-target").eval()
+        if args.circuit_report:
+            return _print_circuit_report(target, tok, args.circuit_report)
         draft = AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval() if (out / "tiny-draft").exists() else None
     else:
         random.seed(args.seed)

@@ -238,3 +238,75 @@ def contrast_loss(store: dict, spans: Sequence[dict], layer: int, head: int, tem
     if not losses:
         return torch.zeros(())
     return torch.cat(losses).mean()
+
+
+def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int = 4096, n: int = 8,
+                   seed: int = 123) -> dict[str, float]:
+    """How the supervised heads of a trained tiny model behave on ``n`` training-format prompts.
+
+    For each answer value's first token (the token that needs the right needle), with the heads of
+    :func:`longctx.tiny.supervised_heads`:
+
+    - ``gather_key_share``: the gathering head's attention on the asked key's tokens (in the
+      question), as a share of its whole attention;
+    - ``gather_top_token``: the largest share one key token takes of that attention (1 = one token);
+    - ``gather_key_tokens``: how many key tokens it effectively reads (``exp`` of the entropy of its
+      attention restricted to the key), against ``key_tokens``, the key's length in tokens;
+    - ``gather_top1``: the gathering head's output at the answer is closest (cosine) to its output
+      at the right needle's value among all needles;
+    - ``match_top1``: the matching head attends to the right needle's value more than any other's;
+    - ``first_token_right``: the model's greedy next token is the value's first token.
+
+    Returns the means over all answers, and ``answers`` (their count).
+    """
+    from longctx.tiny import RULER_NIAH_TASKS, SampleStream, load_essay_words, supervised_heads
+
+    if task not in RULER_NIAH_TASKS:
+        raise ValueError(f"circuit_report requires task from {sorted(RULER_NIAH_TASKS)} (got {task!r})")
+    if length < 64 or n < 1:
+        raise ValueError(f"circuit_report requires length >= 64 and n >= 1 (got length={length}, n={n})")
+    stream = SampleStream(tokenizer, seed, load_essay_words(), mix=[(task, 1.0)])
+    stream.want_spans = True
+    heads = supervised_heads(model.config)
+    rows: list[dict[str, float]] = []
+    for _ in range(n):
+        ids, _ = stream.sample(length)
+        spans = stream.last_spans[-1]
+        if not spans.get("contrast"):
+            continue
+        with torch.no_grad(), capturing(model) as store:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        needles = torch.tensor(spans["needles"])
+        gathered = {t: (s0, s1) for t, s0, s1 in spans["gather"]}
+        gather_out = torch.nn.functional.normalize(store[("out", heads["gather"][0])][0, :, heads["gather"][1]], dim=-1)
+        for (t, _, _), (_, right) in zip(spans["match"], spans["contrast"]):
+            if t not in gathered:
+                continue
+            s0, s1 = gathered[t]
+            att = _head_attention(store, *heads["gather"], t)
+            key = att[s0:s1 + 1]
+            p = key / key.sum()
+            sims = gather_out[t] @ gather_out[needles].T
+            match = _head_attention(store, *heads["match"], t)[needles]
+            rows.append({
+                "gather_key_share": key.sum().item(),
+                "gather_top_token": p.max().item(),
+                "gather_key_tokens": torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item(),
+                "key_tokens": float(s1 - s0 + 1),
+                "gather_top1": float(sims.argmax().item() == right),
+                "match_top1": float(match.argmax().item() == right),
+                "first_token_right": float(logits[t].argmax().item() == ids[t + 1]),
+            })
+    if not rows:
+        raise ValueError(f"circuit_report found no supervised answers for task={task!r} at length={length} "
+                         f"(needs a NIAH task whose needles hold the asked keys)")
+    report = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    report["answers"] = len(rows)
+    return report
+
+
+def _head_attention(store: dict, layer: int, head: int, t: int) -> torch.Tensor:
+    """One head's softmax attention ``[t + 1]`` at query position ``t`` (batch row 0) from the capture."""
+    q, k, scaling = store[layer]
+    kv_head = head // (q.shape[1] // k.shape[1])
+    return torch.softmax((q[0, head, t].float() @ k[0, kv_head, :t + 1].float().T) * scaling, dim=-1)

@@ -230,3 +230,25 @@ def test_basic_roles_fold_match_into_copy_and_skip_the_probe():
     assert torch.allclose(basic, want, atol=1e-5)
     _, _, full, _ = tiny._loss(*args, spans=spans, key_probe=probe, roles="full")
     assert not torch.allclose(full, basic)
+
+
+def test_circuit_report_reads_the_supervised_heads(tmp_path, capsys):
+    from longctx.tiny_retrieval import circuit_report
+
+    model, tok = load_tiny("tiny")
+    torch.manual_seed(0)
+    rep = circuit_report(model, tok, "niah_multikey_2", 1024, n=2, seed=5)
+    assert rep["answers"] >= 2 and rep["key_tokens"] > 3
+    assert 0.0 <= rep["gather_key_share"] <= 1.0 and 1.0 <= rep["gather_key_tokens"] <= rep["key_tokens"]
+    assert rep["first_token_right"] == 1.0  # the bundled target retrieves at 1K
+    # a random model of the same shape neither gathers the key nor predicts the value
+    rand = LlamaForCausalLM(model.config).eval()
+    bad = circuit_report(rand, tok, "niah_multikey_2", 1024, n=2, seed=5)
+    assert bad["gather_key_share"] < 0.5 and bad["first_token_right"] < 1.0
+    with pytest.raises(ValueError, match="circuit_report requires task"):
+        circuit_report(model, tok, "niah_nothing", 1024)
+    with pytest.raises(ValueError, match="TASK:LENGTH:N"):
+        tiny.train_tiny_main(["--eval-only", "--out-dir", str(tiny.MODELS_DIR), "--circuit-report", "niah_multikey_2"])
+    assert tiny.train_tiny_main(["--eval-only", "--out-dir", str(tiny.MODELS_DIR),
+                                 "--circuit-report", "niah_multikey_2:512:1"]) == 0
+    assert '"gather_key_tokens"' in capsys.readouterr().out
