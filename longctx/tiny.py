@@ -418,20 +418,69 @@ def _tokenizer_corpus(essay_words: Sequence[str], seed: int) -> list[str]:
     return corpus
 
 
-def build_tokenizer(vocab_size: int = 1024, seed: int = 0, essay_words: Optional[Sequence[str]] = None):
+# A hex letter that belongs to a uuid: joined to a digit through a run of hex letters, or in a group
+# of exactly four letters between dashes. Byte-level BPE learnt English pairs such as "de", "ea",
+# "ff" and "bf", so a uuid like "d2c7bffb-..." was spelt with a few two-letter tokens among single
+# characters; the tiny target miscopied exactly those (18 of 24 copy errors at 4K niah_multikey_3
+# on run GB fell on a two-letter token, which make up 6% of a uuid's tokens). Isolating these
+# letters spells every uuid one character per token, as digits already are.
+UUID_HEX_PATTERN = (
+    r"[a-f](?=[a-f]*[0-9])|(?<=[0-9][a-f]{0,11})[a-f]"
+    r"|(?<=-)[a-f](?=[a-f]{3}-)|(?<=-[a-f])[a-f](?=[a-f]{2}-)|(?<=-[a-f]{2})[a-f](?=[a-f]-)|(?<=-[a-f]{3})[a-f](?=-)"
+)
+
+
+def _pre_tokenizer(split_uuid_hex: bool):
+    from tokenizers import Regex, pre_tokenizers
+
+    steps = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    if split_uuid_hex:
+        steps.insert(0, pre_tokenizers.Split(Regex(UUID_HEX_PATTERN), "isolated"))
+    return pre_tokenizers.Sequence(steps)
+
+
+def splits_uuid_hex(tokenizer) -> bool:
+    """Whether ``tokenizer`` (a fast tokenizer of these models) spells uuid letters one per token."""
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    return any(p.get("type") == "Split" and p.get("pattern", {}).get("Regex") == UUID_HEX_PATTERN
+               for p in pre.get("pretokenizers", []))
+
+
+def split_uuid_hex(tokenizer):
+    """Make a tokenizer of :func:`build_tokenizer`'s kind spell uuid hex letters one per token.
+
+    The vocabulary and merges are unchanged (a trained model keeps every token); only the
+    pre-tokenizer isolates the letters of :data:`UUID_HEX_PATTERN` before the byte-level BPE, so
+    no two-letter merge applies inside a uuid. Idempotent; changes ``tokenizer`` in place and
+    returns it.
+    """
+    if splits_uuid_hex(tokenizer):
+        return tokenizer
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    kinds = [p.get("type") for p in pre.get("pretokenizers", [])]
+    if kinds != ["Digits", "ByteLevel"]:
+        raise ValueError("split_uuid_hex requires a tokenizer from longctx.tiny.build_tokenizer (pre-tokenizers "
+                         f"Digits + ByteLevel; got {kinds or pre.get('type')})")
+    tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer(split_uuid_hex=True)
+    return tokenizer
+
+
+def build_tokenizer(vocab_size: int = 1024, seed: int = 0, essay_words: Optional[Sequence[str]] = None,
+                    split_uuid_hex: bool = False):
     """Train the byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
 
     Digits are always single tokens (a 7-digit number is 7 tokens); any other string falls back
-    to bytes, so every word and uuid is spellable. BOS is prepended by the post-processor.
+    to bytes, so every word and uuid is spellable. BOS is prepended by the post-processor. With
+    ``split_uuid_hex`` uuid letters are single tokens too (:data:`UUID_HEX_PATTERN`); the shipped
+    models got that later through :func:`split_uuid_hex`, so the default keeps the recipe they
+    were first trained with.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     essay_words = essay_words if essay_words is not None else load_essay_words()
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.pre_tokenizer = _pre_tokenizer(split_uuid_hex)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -1258,6 +1307,9 @@ def _parse(argv):
     p.add_argument("--hard-keys", type=float, default=None, metavar="P",
                    help="in every stage, the chance that a distractor needle's word key is a near miss of the "
                         "asked key (same adjective, or same first letters); e.g. 0.5")
+    p.add_argument("--split-uuid-hex", action="store_true",
+                   help="tokenizer spells uuid hex letters one per token (from scratch: built so; with "
+                        "--init-from: added to the checkpoint's tokenizer, vocabulary unchanged)")
     p.add_argument("--gather-spread", action="store_true",
                    help="train the key-gathering head to attend to every key token evenly (uniform-target "
                         "loss) instead of to any of them (attention-mass loss)")
@@ -1343,8 +1395,11 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             tok = AutoTokenizer.from_pretrained(Path(args.init_from) / f"tiny-{names[0]}")
             models = {n: AutoModelForCausalLM.from_pretrained(Path(args.init_from) / f"tiny-{n}") for n in names}
             logger.info("initialised %s (and the tokenizer) from %s", names, args.init_from)
+            if args.split_uuid_hex and not splits_uuid_hex(tok):
+                split_uuid_hex(tok)
+                logger.info("the tokenizer now spells uuid letters one per token (--split-uuid-hex)")
         else:
-            tok = build_tokenizer(seed=args.seed, essay_words=essay)
+            tok = build_tokenizer(seed=args.seed, essay_words=essay, split_uuid_hex=args.split_uuid_hex)
             models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
         def scaled(stages, first_weight=None, stage_steps=None, mix=None):
             return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight,

@@ -61,6 +61,36 @@ def test_tokenizer_round_trips_numbers_uuids_words(target):
     assert len(tok(" 1234567", add_special_tokens=False)["input_ids"]) == 8  # space + 7 digits
 
 
+def test_split_uuid_hex_spells_uuids_one_character_per_token(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    before = AutoTokenizer.from_pretrained(TARGET)
+    after = tiny.split_uuid_hex(AutoTokenizer.from_pretrained(TARGET))
+    rng = random.Random(3)
+    uuids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(200)]
+    uuids += ["d2c7bffb-6118-433b-882c-cd1e6c93a791", "0a1b2c3d-abcd-4eef-8fed-cafe00beef12"]  # letter pairs
+    merged = 0
+    for u in uuids:
+        pieces = after.tokenize(" " + u)
+        assert pieces[0] == "Ġ" and all(len(p) == 1 for p in pieces[1:]), (u, pieces)
+        assert after.decode(after(" " + u)["input_ids"], skip_special_tokens=True) == " " + u
+        merged += any(len(p.lstrip("Ġ")) > 1 for p in before.tokenize(" " + u))
+    assert merged > 50  # the old spelling used two-letter tokens in most uuids
+    # everything else is spelt as before: essay text, keys, numbers, the templates
+    words = tiny.load_essay_words()[:3000]
+    text = " ".join(words) + " " + " ".join(tiny.random_key(rng) for _ in range(300)) + " is: 4296204."
+    assert after(text)["input_ids"] == before(text)["input_ids"]
+    assert tiny.splits_uuid_hex(after) and not tiny.splits_uuid_hex(before)
+    assert tiny.split_uuid_hex(after) is after  # idempotent
+    after.save_pretrained(tmp_path)
+    assert tiny.splits_uuid_hex(AutoTokenizer.from_pretrained(tmp_path))
+    built = tiny.build_tokenizer(vocab_size=400, essay_words=words, split_uuid_hex=True)
+    assert tiny.splits_uuid_hex(built) and all(len(p) == 1 for p in built.tokenize(uuids[-1]))
+    with pytest.raises(ValueError, match="split_uuid_hex requires a tokenizer from longctx.tiny.build_tokenizer"):
+        tiny.split_uuid_hex(PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())))
+
+
 def test_chat_template_applies(target):
     _, tok = target
     text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
