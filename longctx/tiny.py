@@ -1177,8 +1177,12 @@ def average_checkpoints(sources: Sequence[Path], out: Path, name: str = "target"
             d.pop(key, None)
         return d
 
+    def pre_tokenizer(t):
+        return json.loads(t.backend_tokenizer.to_str()).get("pre_tokenizer")
+
     for f, m, t in zip(folders[1:], models[1:], toks[1:]):
-        if comparable_config(m) != comparable_config(models[0]) or t.get_vocab() != toks[0].get_vocab():
+        if (comparable_config(m) != comparable_config(models[0]) or t.get_vocab() != toks[0].get_vocab()
+                or pre_tokenizer(t) != pre_tokenizer(toks[0])):
             raise ValueError(f"average_checkpoints requires one config and tokenizer in all sources "
                              f"({f} differs from {folders[0]})")
     states = [m.state_dict() for m in models]

@@ -200,6 +200,10 @@ def test_average_checkpoints_is_the_mean_and_checks_its_sources(tmp_path):
     tiny.save_model(tiny.build_model(wide, tok, seed=0), tok, tmp_path / "wide" / "tiny-target")
     with pytest.raises(ValueError, match="one config and tokenizer"):
         tiny.average_checkpoints([tmp_path / "run0", tmp_path / "wide"], tmp_path / "bad")
+    # same vocabulary, uuid letters split in one only: a different tokenizer
+    tiny.save_model(tiny.build_model(cfg, tok, seed=5), tiny.split_uuid_hex(tok), tmp_path / "split" / "tiny-target")
+    with pytest.raises(ValueError, match="one config and tokenizer"):
+        tiny.average_checkpoints([tmp_path / "run0", tmp_path / "split"], tmp_path / "bad")
     with pytest.raises(ValueError, match="at least two sources"):
         tiny.average_checkpoints([tmp_path / "run0"], tmp_path / "bad")
     with pytest.raises(ValueError, match="missing"):
