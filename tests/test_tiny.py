@@ -65,8 +65,12 @@ def test_split_uuid_hex_spells_uuids_one_character_per_token(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
+    assert tiny.splits_uuid_hex(AutoTokenizer.from_pretrained(TARGET))  # the shipped tokenizer splits
     before = AutoTokenizer.from_pretrained(TARGET)
+    before.backend_tokenizer.pre_tokenizer = tiny._pre_tokenizer(split_uuid_hex=False)  # as first trained
     after = tiny.split_uuid_hex(AutoTokenizer.from_pretrained(TARGET))
+    after.backend_tokenizer.pre_tokenizer = tiny._pre_tokenizer(split_uuid_hex=False)
+    after = tiny.split_uuid_hex(after)
     rng = random.Random(3)
     uuids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(200)]
     uuids += ["d2c7bffb-6118-433b-882c-cd1e6c93a791", "0a1b2c3d-abcd-4eef-8fed-cafe00beef12"]  # letter pairs
