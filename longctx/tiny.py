@@ -421,7 +421,7 @@ def _tokenizer_corpus(essay_words: Sequence[str], seed: int) -> list[str]:
 # A hex letter that belongs to a uuid: joined to a digit through a run of hex letters, or in a group
 # of exactly four letters between dashes. Byte-level BPE learnt English pairs such as "de", "ea",
 # "ff" and "bf", so a uuid like "d2c7bffb-..." was spelt with a few two-letter tokens among single
-# characters; the tiny target miscopied exactly those (18 of 24 copy errors at 4K niah_multikey_3
+# characters; the tiny target miscopied exactly those (18 of 23 copy errors at 4K niah_multikey_3
 # on run GB fell on a two-letter token, which make up 6% of a uuid's tokens). Isolating these
 # letters spells every uuid one character per token, as digits already are.
 UUID_HEX_PATTERN = (
