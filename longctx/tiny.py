@@ -439,9 +439,14 @@ def _pre_tokenizer(split_uuid_hex: bool):
     return pre_tokenizers.Sequence(steps)
 
 
+def _pre_tokenizer_of(tokenizer) -> dict:
+    """The serialised pre-tokenizer of a fast tokenizer (``{}`` when it has none)."""
+    return json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+
+
 def splits_uuid_hex(tokenizer) -> bool:
     """Whether ``tokenizer`` (a fast tokenizer of these models) spells uuid letters one per token."""
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    pre = _pre_tokenizer_of(tokenizer)
     return any(p.get("type") == "Split" and p.get("pattern", {}).get("Regex") == UUID_HEX_PATTERN
                for p in pre.get("pretokenizers", []))
 
@@ -456,7 +461,7 @@ def split_uuid_hex(tokenizer):
     """
     if splits_uuid_hex(tokenizer):
         return tokenizer
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    pre = _pre_tokenizer_of(tokenizer)
     kinds = [p.get("type") for p in pre.get("pretokenizers", [])]
     if kinds != ["Digits", "ByteLevel"]:
         raise ValueError("split_uuid_hex requires a tokenizer from longctx.tiny.build_tokenizer (pre-tokenizers "
@@ -1177,12 +1182,9 @@ def average_checkpoints(sources: Sequence[Path], out: Path, name: str = "target"
             d.pop(key, None)
         return d
 
-    def pre_tokenizer(t):
-        return json.loads(t.backend_tokenizer.to_str()).get("pre_tokenizer")
-
     for f, m, t in zip(folders[1:], models[1:], toks[1:]):
         if (comparable_config(m) != comparable_config(models[0]) or t.get_vocab() != toks[0].get_vocab()
-                or pre_tokenizer(t) != pre_tokenizer(toks[0])):
+                or _pre_tokenizer_of(t) != _pre_tokenizer_of(toks[0])):
             raise ValueError(f"average_checkpoints requires one config and tokenizer in all sources "
                              f"({f} differs from {folders[0]})")
     states = [m.state_dict() for m in models]

@@ -136,6 +136,16 @@ def answer_targets(text: str, offsets: Sequence[tuple[int, int]], prompt_chars: 
     return {"match": match, "copy": copy, "gather": gather, "contrast": contrast, "needles": needles}
 
 
+def _head_scores(store: dict, layer: int, head: int, b: int, t: torch.Tensor) -> torch.Tensor:
+    """Causal attention scores ``[N, S]`` of one head at query positions ``t`` ``[N]`` of batch row ``b``
+    (``-inf`` after each query), from the capture of :func:`capturing`."""
+    q, k, scaling = store[layer]
+    kv_head = head // (q.shape[1] // k.shape[1])
+    scores = (q[b, head, t].float() @ k[b, kv_head].float().T) * scaling
+    pos = torch.arange(k.shape[2])
+    return scores.masked_fill(pos[None] > t[:, None], float("-inf"))
+
+
 def retrieval_loss(store: dict, spans: Sequence[Sequence[tuple[int, int, int]]], layer: int, head: int,
                    spread: bool = False) -> torch.Tensor:
     """``-log`` of one head's attention mass on its target tokens, averaged over all targets; with
@@ -159,17 +169,13 @@ def retrieval_loss(store: dict, spans: Sequence[Sequence[tuple[int, int, int]]],
     -------
     A scalar (0 when there is no target).
     """
-    q, k, scaling = store[layer]
-    kv_head = head // (q.shape[1] // k.shape[1])
     losses = []
     for b, row in enumerate(spans):
         if not row:
             continue
         t = torch.tensor([r[0] for r in row])
-        scores = (q[b, head, t].float() @ k[b, kv_head].float().T) * scaling  # [N, S]
-        pos = torch.arange(k.shape[2])
-        scores = scores.masked_fill(pos[None] > t[:, None], float("-inf"))
-        logp = torch.log_softmax(scores, dim=-1)
+        logp = torch.log_softmax(_head_scores(store, layer, head, b, t), dim=-1)  # [N, S]
+        pos = torch.arange(logp.shape[-1])
         inside = (pos[None] >= torch.tensor([r[1] for r in row])[:, None]) & (
             pos[None] <= torch.tensor([r[2] for r in row])[:, None])
         if spread:
@@ -283,11 +289,11 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
             if t not in gathered:
                 continue
             s0, s1 = gathered[t]
-            att = _head_attention(store, *heads["gather"], t)
+            att = torch.softmax(_head_scores(store, *heads["gather"], 0, torch.tensor([t]))[0], dim=-1)
             key = att[s0:s1 + 1]
             p = key / key.sum()
             sims = gather_out[t] @ gather_out[needles].T
-            match = _head_attention(store, *heads["match"], t)[needles]
+            match = torch.softmax(_head_scores(store, *heads["match"], 0, torch.tensor([t]))[0], dim=-1)[needles]
             rows.append({
                 "gather_key_share": key.sum().item(),
                 "gather_top_token": p.max().item(),
@@ -305,8 +311,3 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
     return report
 
 
-def _head_attention(store: dict, layer: int, head: int, t: int) -> torch.Tensor:
-    """One head's softmax attention ``[t + 1]`` at query position ``t`` (batch row 0) from the capture."""
-    q, k, scaling = store[layer]
-    kv_head = head // (q.shape[1] // k.shape[1])
-    return torch.softmax((q[0, head, t].float() @ k[0, kv_head, :t + 1].float().T) * scaling, dim=-1)
