@@ -284,16 +284,19 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
             logits = model(input_ids=torch.tensor([ids])).logits[0]
         needles = torch.tensor(spans["needles"])
         gathered = {t: (s0, s1) for t, s0, s1 in spans["gather"]}
+        answers = [(t, right) for (t, _, _), (_, right) in zip(spans["match"], spans["contrast"]) if t in gathered]
+        if not answers:
+            continue
+        ts = torch.tensor([t for t, _ in answers])
+        gather_att = torch.softmax(_head_scores(store, *heads["gather"], 0, ts), dim=-1)  # [N, S]
+        match_att = torch.softmax(_head_scores(store, *heads["match"], 0, ts), dim=-1)[:, needles]  # [N, needles]
         gather_out = torch.nn.functional.normalize(store[("out", heads["gather"][0])][0, :, heads["gather"][1]], dim=-1)
-        for (t, _, _), (_, right) in zip(spans["match"], spans["contrast"]):
-            if t not in gathered:
-                continue
+        for i, (t, right) in enumerate(answers):
             s0, s1 = gathered[t]
-            att = torch.softmax(_head_scores(store, *heads["gather"], 0, torch.tensor([t]))[0], dim=-1)
-            key = att[s0:s1 + 1]
+            key = gather_att[i, s0:s1 + 1]
             p = key / key.sum()
             sims = gather_out[t] @ gather_out[needles].T
-            match = torch.softmax(_head_scores(store, *heads["match"], 0, torch.tensor([t]))[0], dim=-1)[needles]
+            match = match_att[i]
             rows.append({
                 "gather_key_share": key.sum().item(),
                 "gather_top_token": p.max().item(),
