@@ -907,7 +907,8 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
         key_probe = None
     hidden_wanted = probes is not None or (spans is not None and key_probe is not None)
     ctx = capturing(model) if spans is not None else contextlib.nullcontext()
-    with ctx as store, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and ids.device.type == "cpu"):
+    with ctx as store, torch.autocast(ids.device.type, dtype=torch.bfloat16,
+                                      enabled=autocast and ids.device.type in ("cpu", "cuda")):
         out = model(input_ids=ids, position_ids=pos, output_hidden_states=hidden_wanted)
         aux = probes.loss(model, out.hidden_states[1], ids, pad_id) if probes is not None else out.logits.new_zeros(())
         ret = out.logits.new_zeros(())
@@ -961,7 +962,8 @@ def train(
     essay_words = essay_words if essay_words is not None else load_essay_words()
     stream = SampleStream(tokenizer, seed, essay_words, mix)
     base_mix = list(zip(stream.tasks, stream.weights))
-    digit_ids = torch.tensor(stream.digit_ids)
+    dev = next(next(iter(models.values())).parameters()).device  # batches go where the models are
+    digit_ids = torch.tensor(stream.digit_ids, device=dev)
     total = sum(s.steps for s in curriculum)
     probes = probes or {}
     # the key probes (longctx.tiny_retrieval.KeyProbe) come with the retrieval supervision
@@ -969,7 +971,8 @@ def train(
     if any(s.retrieval_weight > 0 and s.retrieval_roles == "full" for s in curriculum):
         from longctx.tiny_retrieval import KeyProbe
 
-        key_probes = {n: KeyProbe(m.config.hidden_size) for n, m in models.items()}
+        key_probes = {n: KeyProbe(m.config.hidden_size).to(dev) for n, m in models.items()}
+    probes = {n: p.to(dev) for n, p in probes.items()}
     extra = {n: [p for mod in (probes.get(n), key_probes.get(n)) if mod is not None for p in mod.parameters()]
              for n in models}
     opts = {
@@ -1001,6 +1004,7 @@ def train(
         for _ in range(stage.steps):
             ids, labels, pos = make_batch(stream, stage.batch_size, stage.min_len, stage.max_len, stage.pose_prob,
                                           max_position, tokenizer.pad_token_id, stage.extra_questions)
+            ids, labels, pos = ids.to(dev), labels.to(dev), pos.to(dev)
             for n, m in models.items():
                 for g in opts[n].param_groups:
                     g["lr"] = lr_at(step)
@@ -1259,11 +1263,35 @@ def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``--device`` as a ``torch.device``, or a ValueError naming what is available.
+
+    Parameters
+    ----------
+    spec : a torch device string: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    """
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device requires a torch device such as 'cpu' or 'cuda:0' (got {spec!r})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec!r} requires a CUDA GPU; torch sees none here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec!r} requires a GPU index below {torch.cuda.device_count()}")
+    elif device.type != "cpu":
+        raise ValueError(f"--device requires 'cpu' or a CUDA device (got {spec!r})")
+    return device
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="longctx train-tiny", description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default=str(MODELS_DIR), help="writes <out-dir>/tiny-target and tiny-draft")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the tokenizer, the initial weights and the data streams (with --init-from: the data only)")
+    p.add_argument("--device", default="cpu",
+                   help="where to train and evaluate (a torch device: 'cpu', 'cuda', 'cuda:1'); checkpoints are "
+                        "saved the same either way")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared 2-core machine 1 thread was ~7x faster than 2")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -1376,6 +1404,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         handlers.append(logging.FileHandler(args.log_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     out = Path(args.out_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -1388,10 +1417,11 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             average_checkpoints([Path(x) for x in args.average.split(",") if x], out, n)
     if args.eval_only or args.average:
         tok = AutoTokenizer.from_pretrained(out / "tiny-target")
-        target = AutoModelForCausalLM.from_pretrained(out / "tiny-target").eval()
+        target = AutoModelForCausalLM.from_pretrained(out / "tiny-target").eval().to(device)
         if args.circuit_report:
             return _print_circuit_report(target, tok, args.circuit_report)
-        draft = AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval() if (out / "tiny-draft").exists() else None
+        draft = (AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval().to(device)
+                 if (out / "tiny-draft").exists() else None)
     else:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -1407,6 +1437,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             tok = build_tokenizer(seed=args.seed, essay_words=essay, split_uuid_hex=args.split_uuid_hex)
             models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
+        models = {n: m.to(device) for n, m in models.items()}
         def scaled(stages, first_weight=None, stage_steps=None, mix=None):
             return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight,
                                     stage_steps, mix, args.hard_keys, args.gather_spread or None)

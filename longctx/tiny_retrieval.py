@@ -141,8 +141,9 @@ def _head_scores(store: dict, layer: int, head: int, b: int, t: torch.Tensor) ->
     (``-inf`` after each query), from the capture of :func:`capturing`."""
     q, k, scaling = store[layer]
     kv_head = head // (q.shape[1] // k.shape[1])
+    t = t.to(q.device)
     scores = (q[b, head, t].float() @ k[b, kv_head].float().T) * scaling
-    pos = torch.arange(k.shape[2])
+    pos = torch.arange(k.shape[2], device=q.device)
     return scores.masked_fill(pos[None] > t[:, None], float("-inf"))
 
 
@@ -175,16 +176,16 @@ def retrieval_loss(store: dict, spans: Sequence[Sequence[tuple[int, int, int]]],
             continue
         t = torch.tensor([r[0] for r in row])
         logp = torch.log_softmax(_head_scores(store, layer, head, b, t), dim=-1)  # [N, S]
-        pos = torch.arange(logp.shape[-1])
-        inside = (pos[None] >= torch.tensor([r[1] for r in row])[:, None]) & (
-            pos[None] <= torch.tensor([r[2] for r in row])[:, None])
+        pos = torch.arange(logp.shape[-1], device=logp.device)
+        inside = (pos[None] >= torch.tensor([r[1] for r in row], device=logp.device)[:, None]) & (
+            pos[None] <= torch.tensor([r[2] for r in row], device=logp.device)[:, None])
         if spread:
             n = inside.sum(-1)
             losses.append(-(logp.masked_fill(~inside, 0.0)).sum(-1) / n - torch.log(n.float()))
         else:
             losses.append(-torch.logsumexp(logp.masked_fill(~inside, float("-inf")), dim=-1))
     if not losses:
-        return torch.zeros(())
+        return torch.zeros(())  # a 0-dim CPU tensor adds to a loss on any device
     return torch.cat(losses).mean()
 
 
@@ -216,8 +217,8 @@ class KeyProbe(torch.nn.Module):
         rows = [(b, t, s0, s1) for b, row in enumerate(spans) for t, s0, s1 in row]
         if not rows:
             return hidden.new_zeros(())
-        b = torch.tensor([r[0] for r in rows])
-        t = torch.tensor([r[1] for r in rows])
+        b = torch.tensor([r[0] for r in rows], device=hidden.device)
+        t = torch.tensor([r[1] for r in rows], device=hidden.device)
         emb = model.get_input_embeddings().weight
         logp = torch.log_softmax((model.model.norm(self.proj(hidden[b, t])) @ emb.T).float(), dim=-1)  # [N, V]
         losses = [-logp[i, ids[bi, s0:s1 + 1]].mean() for i, (bi, _, s0, s1) in enumerate(rows)]
@@ -238,11 +239,12 @@ def contrast_loss(store: dict, spans: Sequence[dict], layer: int, head: int, tem
         if not pairs or len(needles) < 2:
             continue
         g = torch.nn.functional.normalize(out[b, :, head].float(), dim=-1)  # [S, D]
-        t = torch.tensor([p[0] for p in pairs])
-        sims = g[t] @ g[torch.tensor(needles)].T / temperature  # [N, n_needles]
-        losses.append(torch.nn.functional.cross_entropy(sims, torch.tensor([p[1] for p in pairs]), reduction="none"))
+        t = torch.tensor([p[0] for p in pairs], device=g.device)
+        sims = g[t] @ g[torch.tensor(needles, device=g.device)].T / temperature  # [N, n_needles]
+        right = torch.tensor([p[1] for p in pairs], device=g.device)
+        losses.append(torch.nn.functional.cross_entropy(sims, right, reduction="none"))
     if not losses:
-        return torch.zeros(())
+        return out.new_zeros((), dtype=torch.float32)
     return torch.cat(losses).mean()
 
 
@@ -280,14 +282,15 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
         spans = stream.last_spans[-1]
         if not spans.get("contrast"):
             continue
+        dev = model.get_input_embeddings().weight.device
         with torch.no_grad(), capturing(model) as store:
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
-        needles = torch.tensor(spans["needles"])
+            logits = model(input_ids=torch.tensor([ids], device=dev)).logits[0]
+        needles = torch.tensor(spans["needles"], device=dev)
         gathered = {t: (s0, s1) for t, s0, s1 in spans["gather"]}
         answers = [(t, right) for (t, _, _), (_, right) in zip(spans["match"], spans["contrast"]) if t in gathered]
         if not answers:
             continue
-        ts = torch.tensor([t for t, _ in answers])
+        ts = torch.tensor([t for t, _ in answers], device=dev)
         gather_att = torch.softmax(_head_scores(store, *heads["gather"], 0, ts), dim=-1)  # [N, S]
         match_att = torch.softmax(_head_scores(store, *heads["match"], 0, ts), dim=-1)[:, needles]  # [N, needles]
         gather_out = torch.nn.functional.normalize(store[("out", heads["gather"][0])][0, :, heads["gather"][1]], dim=-1)

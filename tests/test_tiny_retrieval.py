@@ -252,3 +252,38 @@ def test_circuit_report_reads_the_supervised_heads(tmp_path, capsys):
     assert tiny.train_tiny_main(["--eval-only", "--out-dir", str(tiny.MODELS_DIR),
                                  "--circuit-report", "niah_multikey_2:512:1"]) == 0
     assert '"gather_key_tokens"' in capsys.readouterr().out
+
+
+def test_resolve_device_names_what_it_accepts():
+    assert tiny.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device requires a torch device"):
+        tiny.resolve_device("gpu0")
+    with pytest.raises(ValueError, match="--device requires 'cpu' or a CUDA device"):
+        tiny.resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="requires a CUDA GPU"):
+            tiny.resolve_device("cuda")
+    with pytest.raises(ValueError, match="--device requires"):
+        tiny.train_tiny_main(["--device", "gpu0", "--out-dir", "/nonexistent"])
+
+
+def _small_retrieval_run(device: torch.device, steps: int = 3):
+    essay = tiny.load_essay_words()[:3000]
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=essay)
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    model = tiny.build_model(cfg, tok, seed=0).to(device)
+    stages = [tiny.Stage(steps=steps, min_len=128, max_len=192, batch_size=2, retrieval_weight=1.0,
+                         gather_spread=True, final_weight=5.0)]
+    probes = {"m": tiny.PrevTokenProbes(cfg.hidden_size)}
+    return tiny.train({"m": model}, tok, stages, seed=0, lr=1e-3, warmup=1, log_every=1, autocast=False,
+                      mix=[("niah_multikey_2", 1.0)], essay_words=essay, probes=probes), model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="requires a CUDA GPU")
+def test_train_runs_on_the_gpu_as_on_the_cpu():
+    cpu_hist, _ = _small_retrieval_run(torch.device("cpu"))
+    gpu_hist, model = _small_retrieval_run(torch.device("cuda"))
+    assert next(model.parameters()).device.type == "cuda"
+    # same seeded batches and initial weights: the first step's losses agree up to kernel differences
+    assert abs(cpu_hist[0]["loss_m"] - gpu_hist[0]["loss_m"]) < 1e-2 * max(1.0, cpu_hist[0]["loss_m"])
+    assert abs(cpu_hist[0]["retrieval_m"] - gpu_hist[0]["retrieval_m"]) < 1e-2 * max(1.0, cpu_hist[0]["retrieval_m"])
