@@ -1,4 +1,4 @@
-"""``longctx eval ruler|longbench|niah`` and ``python -m longctx.eval ruler|longbench|niah``.
+"""``longctx eval ruler|longbench|niah|errors`` and ``python -m longctx.eval ruler|longbench|niah|errors``.
 
 Examples
 --------
@@ -144,6 +144,11 @@ def _add_benchmark_parsers(sub) -> None:
     n.add_argument("--needle-style", default="number", choices=["number", "sandwich"])
     n.set_defaults(func=run_from_args, benchmark="niah")
 
+    e = sub.add_parser("errors", help="why NIAH answers of a results folder are wrong (wrong needle or copy slip)")
+    e.add_argument("results", help="the --output folder of a `longctx eval ruler` run")
+    e.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task with RULER needles)")
+    e.set_defaults(func=errors_from_args, benchmark="errors")
+
 
 def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     """Mount ``eval`` (with ``ruler``, ``longbench``, ``niah``) on the ``longctx`` command."""
@@ -194,6 +199,19 @@ def run_from_args(args: argparse.Namespace) -> int:
         for reason in skipped:
             print(f"skipped: {reason}")
         print(f"results in {spec.output}")
+    return 0
+
+
+def errors_from_args(args: argparse.Namespace) -> int:
+    """``longctx eval errors RESULTS``: the table of :func:`eval.niah_errors.error_breakdown`."""
+    from .niah_errors import breakdown_table, error_breakdown
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    rows = error_breakdown(args.results, tasks)
+    if not rows:
+        raise ValueError(f"longctx eval errors found no NIAH predictions in {args.results!r}"
+                         + (f" for --tasks {args.tasks!r}" if tasks else ""))
+    print(breakdown_table(rows))
     return 0
 
 
