@@ -32,13 +32,13 @@ second metric.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from .jsonl import read_jsonl
+from .runner import prompt_sha
 
 # RULER's needle sentence ("One of the special magic numbers for <key> is: <value>."), its key and value
 NEEDLE_RE = re.compile(r"special magic \w+ for (\S+) is: ([\w-]+)\.")
@@ -132,18 +132,13 @@ class Breakdown:
         return sum(v for k, v in self.counts.items() if k != "right")
 
 
-def _sha(sample: dict) -> str:
-    # the runner's prompt sha (eval.runner._prompt_sha): the prompt text and the answer prefix
-    return hashlib.sha256((sample["input"] + sample["answer_prefix"]).encode("utf-8")).hexdigest()[:16]
-
-
 def _prompts(root: Path) -> dict[str, dict]:
     """``prompt sha -> cached sample`` over every sample cache under ``root/_data``."""
     out = {}
     for path in sorted((root / "_data").glob("*/*.jsonl")):
         for row in read_jsonl(path):
             if "input" in row and "answer_prefix" in row:
-                out[_sha(row)] = row
+                out[prompt_sha(row)] = row
     return out
 
 

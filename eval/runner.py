@@ -515,7 +515,8 @@ def prompt_text(sample: dict) -> str:
     return sample["input"] + sample["answer_prefix"]
 
 
-def _prompt_sha(sample: dict) -> str:
+def prompt_sha(sample: dict) -> str:
+    """The sha256 (16 hex digits) of a sample's prompt text; predictions record it as ``prompt_sha``."""
     return hashlib.sha256(prompt_text(sample).encode("utf-8")).hexdigest()[:16]
 
 
@@ -573,7 +574,7 @@ def generate_one(model, tokenizer, sample: dict, handle: Any, device, eos_ids: l
         "decode_ms_per_token": decode,
         "memory": {k: int(v) for k, v in memory.items()},
         "peak_device_alloc": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
-        "prompt_sha": _prompt_sha(sample),
+        "prompt_sha": prompt_sha(sample),
         "stats": stats,
     }
 
@@ -608,7 +609,7 @@ def _sum_stats(per_layer: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- results folders
 def _load_done(run_dir: Path, samples: Sequence[dict]) -> dict[str, dict]:
     """Predictions already on disk whose prompt matches the current sample (merged and rank files)."""
-    want = {s["id"]: _prompt_sha(s) for s in samples}
+    want = {s["id"]: prompt_sha(s) for s in samples}
     done: dict[str, dict] = {}
     for path in [run_dir / "predictions.jsonl", *sorted(run_dir.glob("predictions.rank*.jsonl"))]:
         if path.exists():
@@ -632,7 +633,7 @@ def _merge(run_dir: Path, samples: Sequence[dict]) -> dict[str, dict]:
         write_jsonl(run_dir / "predictions.jsonl", rows)
         for p in paths[1:]:
             p.unlink()
-    want = {s["id"]: _prompt_sha(s) for s in samples}
+    want = {s["id"]: prompt_sha(s) for s in samples}
     return {r["id"]: r for r in rows if want.get(r["id"]) == r.get("prompt_sha")}
 
 
