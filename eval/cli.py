@@ -151,7 +151,7 @@ def _add_benchmark_parsers(sub) -> None:
 
 
 def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
-    """Mount ``eval`` (with ``ruler``, ``longbench``, ``niah``) on the ``longctx`` command."""
+    """Mount ``eval`` (with ``ruler``, ``longbench``, ``niah``, ``errors``) on the ``longctx`` command."""
     p = subparsers.add_parser("eval", help="RULER, LongBench and needle-in-a-haystack on patched models")
     sub = p.add_subparsers(dest="benchmark", required=True)
     _add_benchmark_parsers(sub)
@@ -216,7 +216,7 @@ def errors_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m longctx.eval ruler|longbench|niah ...`` (also under torchrun / accelerate launch)."""
+    """``python -m longctx.eval ruler|longbench|niah|errors ...`` (also under torchrun / accelerate launch)."""
     parser = argparse.ArgumentParser(
         prog="python -m longctx.eval", description="RULER, LongBench and NIAH on patched models"
     )
