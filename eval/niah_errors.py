@@ -97,18 +97,20 @@ def classify_answer(prompt: str, pred: str, references: Sequence[str]) -> list[s
     # into further question turns writes more values after them)
     given = VALUE_RE.findall(pred)[:len(references)]
     candidates = [v for v in given if v.lower() not in refs_lower]
+    # the same for every missed reference: the first given value that is another needle's, a repeat
+    wrong = next((v for v in candidates if v in values), None)
+    repeated = len({v.lower() for v in given}) < len(given)
     out = []
     for ref in references:
         if ref.lower() in pred.lower():
             out.append("right")
             continue
         asked = values.get(ref)
-        wrong = [v for v in candidates if v in values and v != ref]
-        if wrong:
-            out.append(_related(values[wrong[0]], asked) if asked is not None else "other_needle")
+        if wrong is not None:
+            out.append(_related(values[wrong], asked) if asked is not None else "other_needle")
         elif any(_slip(v, ref) for v in candidates):
             out.append("copy_slip")
-        elif len({v.lower() for v in given}) < len(given):
+        elif repeated:
             out.append("repeated")
         elif len(given) < len(references):
             out.append("missing")
