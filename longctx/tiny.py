@@ -1157,6 +1157,58 @@ def save_model(model, tokenizer, path: Path):
     tokenizer.save_pretrained(path, save_jinja_files=False)
 
 
+def insert_identity_layer(model, at: int):
+    """Grow ``model`` by one decoder layer at index ``at`` that leaves its outputs unchanged.
+
+    The new layer has the model's own fresh initialisation except its attention output and MLP
+    down projections, which are zero, so it adds nothing to the residual stream until training
+    moves them (their gradients are non-zero from the first step). Every layer from ``at`` on
+    moves up one index; with ``at >= 2`` the heads of :func:`supervised_heads` (the second and
+    the last layer) stay on the same weights.
+
+    Parameters
+    ----------
+    model : LlamaForCausalLM
+        Modified in place (its ``config.num_hidden_layers`` too).
+    at : int
+        Index of the new layer, ``0 <= at <= num_hidden_layers``.
+
+    Returns
+    -------
+    LlamaForCausalLM
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        ``at`` outside ``[0, num_hidden_layers]``.
+    """
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layers = model.model.layers
+    if not 0 <= at <= len(layers):
+        raise ValueError(f"insert_identity_layer requires 0 <= at <= {len(layers)} (the model's layer count), "
+                         f"got at={at}")
+    ref = next(model.parameters())
+    layer = LlamaDecoderLayer(model.config, at).to(device=ref.device, dtype=ref.dtype)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+    layers.insert(at, layer)
+    for i, lay in enumerate(layers):
+        lay.self_attn.layer_idx = i
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [model.config.layer_types[0]] * len(layers)
+    return model
+
+
 def average_checkpoints(sources: Sequence[Path], out: Path, name: str = "target") -> None:
     """Average the weights of ``<source>/tiny-<name>`` over ``sources`` (uniform) into ``out/tiny-<name>``.
 
@@ -1341,6 +1393,9 @@ def _parse(argv):
     p.add_argument("--hard-keys", type=float, default=None, metavar="P",
                    help="in every stage, the chance that a distractor needle's word key is a near miss of the "
                         "asked key (same adjective, or same first letters); e.g. 0.5")
+    p.add_argument("--insert-layer", type=int, default=None, metavar="AT",
+                   help="with --init-from: grow each model by one decoder layer at index AT that starts as the "
+                        "identity (longctx.tiny.insert_identity_layer), then train")
     p.add_argument("--split-uuid-hex", action="store_true",
                    help="tokenizer spells uuid hex letters one per token (from scratch: built so; with "
                         "--init-from: added to the checkpoint's tokenizer, vocabulary unchanged)")
@@ -1391,6 +1446,9 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             stage_steps = [int(x) for x in args.stage_steps.split(",")]
         except ValueError:
             raise ValueError(f"--stage-steps requires comma-separated integers (got {args.stage_steps!r})") from None
+    if args.insert_layer is not None and not args.init_from:
+        raise ValueError(f"--insert-layer requires --init-from (a trained model to grow; got --insert-layer "
+                         f"{args.insert_layer} without)")
     if args.hard_keys is not None and not 0.0 <= args.hard_keys <= 1.0:
         raise ValueError(f"--hard-keys requires a probability in [0, 1] (got {args.hard_keys})")
     mix = None
@@ -1431,6 +1489,11 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             tok = AutoTokenizer.from_pretrained(Path(args.init_from) / f"tiny-{names[0]}")
             models = {n: AutoModelForCausalLM.from_pretrained(Path(args.init_from) / f"tiny-{n}") for n in names}
             logger.info("initialised %s (and the tokenizer) from %s", names, args.init_from)
+            if args.insert_layer is not None:
+                for n, m in models.items():
+                    insert_identity_layer(m, args.insert_layer)
+                    logger.info("tiny-%s grown to %d layers (identity layer at %d, --insert-layer)", n,
+                                m.config.num_hidden_layers, args.insert_layer)
             if args.split_uuid_hex and not splits_uuid_hex(tok):
                 split_uuid_hex(tok)
                 logger.info("the tokenizer now spells uuid letters one per token (--split-uuid-hex)")

@@ -234,3 +234,47 @@ def test_hard_keys_make_near_miss_distractors_and_default_to_the_old_stream():
     assert all(st.hard_keys == 0.5 for st in tiny.configure_stages(tiny.RETRIEVAL, hard_keys=0.5))
     with pytest.raises(ValueError, match="--hard-keys requires"):
         tiny.train_tiny_main(["--hard-keys", "2", "--out-dir", "/nonexistent"])
+
+
+def test_insert_identity_layer_keeps_the_outputs_and_trains(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longctx.tiny import insert_identity_layer, supervised_heads
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        before = model(ids).logits
+    old_last = model.model.layers[-1]
+    heads = supervised_heads(model.config)
+    insert_identity_layer(model, 2)
+    assert model.config.num_hidden_layers == 5 and len(model.model.layers) == 5
+    assert model.model.layers[-1] is old_last and supervised_heads(model.config)["match"] == (4, heads["match"][1])
+    assert [lay.self_attn.layer_idx for lay in model.model.layers] == list(range(5))
+    with torch.no_grad():
+        after = model(ids).logits
+        cached = model.generate(ids[:1, :10], max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(after, before)
+    assert cached.shape == (1, 15)
+    # the new layer learns: its zeroed projections get gradients
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    new = model.model.layers[2]
+    assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+    # and the grown model saves and loads as a plain Llama
+    model.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, after)
+    with pytest.raises(ValueError, match="at=6"):
+        insert_identity_layer(model, 6)
+
+
+def test_insert_layer_flag_requires_init_from(tmp_path):
+    from longctx.tiny import train_tiny_main
+
+    with pytest.raises(ValueError, match="--insert-layer requires --init-from"):
+        train_tiny_main(["--out-dir", str(tmp_path), "--insert-layer", "2", "--retrieval-only"])
