@@ -1191,15 +1191,10 @@ def insert_identity_layer(model, at: int):
                          f"got at={at}")
     ref = next(model.parameters())
     layer = LlamaDecoderLayer(model.config, at).to(device=ref.device, dtype=ref.dtype)
-    std = model.config.initializer_range
+    layer.apply(model._init_weights)  # the model's own initialisation, then the two residual writes to zero
     with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
     layers.insert(at, layer)
     for i, lay in enumerate(layers):
         lay.self_attn.layer_idx = i
