@@ -1199,8 +1199,6 @@ def insert_identity_layer(model, at: int):
     for i, lay in enumerate(layers):
         lay.self_attn.layer_idx = i
     model.config.num_hidden_layers = len(layers)
-    if getattr(model.config, "layer_types", None) is not None:
-        model.config.layer_types = [model.config.layer_types[0]] * len(layers)
     return model
 
 
