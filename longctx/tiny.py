@@ -222,6 +222,10 @@ def _by_prefix(words: Sequence[str], n: int) -> dict[str, list[str]]:
     return out
 
 
+# word lists that --word-tokens can make whole tokens: "nouns", the second word of a RULER key (after the
+# hyphen); "keys", both words (the adjective with its leading space, so a key is 3 tokens)
+WORD_TOKEN_LISTS = {"nouns": list(_KEY_NOUN), "keys": [*_KEY_NOUN, *(" " + a for a in _KEY_ADJ)]}
+
 # adjectives by their first 1, 2 and 3 letters (near-miss keys)
 _ADJ_BY_PREFIX = {n: _by_prefix(_KEY_ADJ, n) for n in (1, 2, 3)}
 
@@ -468,6 +472,90 @@ def split_uuid_hex(tokenizer):
                          f"Digits + ByteLevel; got {kinds or pre.get('type')})")
     tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer(split_uuid_hex=True)
     return tokenizer
+
+
+def _byte_level(word: str) -> str:
+    """``word`` in the byte-level alphabet the BPE vocabulary is written in (no leading space)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return "".join(p for p, _ in ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(word))
+
+
+def add_word_tokens(tokenizer, words: Sequence[str]):
+    """A copy of ``tokenizer`` in which each of ``words`` is one token where it follows no space.
+
+    RULER's word keys are ``adjective-noun``; with the trained 1,024-token vocabulary a noun such as
+    ``dinosaur`` is spelt in 3-8 pieces, so a model must gather ~9 tokens into one key before it
+    can tell ~600 needles apart (16K ``niah_multikey_2``). Appending each listed word to the BPE
+    vocabulary in its space-less form, with the BPE's ``ignore_merges`` set (a pre-tokenized piece
+    that is a vocabulary entry is taken whole), makes the noun after the hyphen a single token.
+    Pieces preceded by a space (``" dinosaur"``) are other vocabulary entries, so essay and noise
+    text tokenize as before (a listed word is affected only at the start of a line or after
+    punctuation). A word given with a leading space (``" fluffy"``) is added in its spaced form
+    instead, so it becomes one token wherever it follows a space, in other text too. Existing ids keep
+    their meaning; new ids follow them, so a trained model only needs :func:`grow_embeddings`.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerFast
+        A byte-level BPE tokenizer (:func:`build_tokenizer`'s kind); left unchanged.
+    words : sequence of str
+        Words to add (a leading space is kept, see above); those already a single token, duplicates
+        and empty strings are skipped.
+
+    Returns
+    -------
+    PreTrainedTokenizerFast
+        The grown tokenizer (same special tokens, chat template and maximum length).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"add_word_tokens requires a BPE tokenizer (got model type {model.get('type')!r})")
+    vocab = model["vocab"]
+    specials = {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
+    next_id = max([*vocab.values(), *specials.values()]) + 1
+    for word in dict.fromkeys(w for w in words if w):
+        if len(tokenizer(word, add_special_tokens=False).input_ids) < 2:
+            continue
+        form = _byte_level(word)
+        if form not in vocab:
+            vocab[form] = next_id
+            next_id += 1
+    model["ignore_merges"] = True
+    grown = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", unk_token=None, additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    grown.chat_template = tokenizer.chat_template
+    grown.model_max_length = tokenizer.model_max_length
+    return grown
+
+
+def grow_embeddings(model, vocab_size: int, seed: int = 0) -> int:
+    """Grow ``model``'s (tied) token embeddings to ``vocab_size`` rows; returns how many were added.
+
+    New rows are drawn from a normal with the existing rows' per-dimension mean and standard
+    deviation, so they are as far apart as trained tokens are (``transformers``' mean resizing
+    would make them nearly equal, useless as distinct keys). Existing rows are unchanged.
+    """
+    emb = model.get_input_embeddings().weight
+    old, dim = emb.shape  # [V, D]
+    if vocab_size < old:
+        raise ValueError(f"grow_embeddings requires vocab_size >= the model's {old} rows (got {vocab_size})")
+    if vocab_size == old:
+        return 0
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        mean, std = emb.float().mean(0), emb.float().std(0)  # [D]
+        rows = mean + std * torch.randn(vocab_size - old, dim, generator=gen)  # [V', D]
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        model.get_input_embeddings().weight[old:] = rows.to(emb.dtype)
+    model.config.vocab_size = vocab_size
+    return vocab_size - old
 
 
 def build_tokenizer(vocab_size: int = 1024, seed: int = 0, essay_words: Optional[Sequence[str]] = None,
@@ -909,7 +997,9 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
     ctx = capturing(model) if spans is not None else contextlib.nullcontext()
     with ctx as store, torch.autocast(ids.device.type, dtype=torch.bfloat16,
                                       enabled=autocast and ids.device.type in ("cpu", "cuda")):
-        out = model(input_ids=ids, position_ids=pos, output_hidden_states=hidden_wanted)
+        # the LM head only where the next token is supervised (answers: a few of 4-16K positions)
+        keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # [K]
+        out = model(input_ids=ids, position_ids=pos, output_hidden_states=hidden_wanted, logits_to_keep=keep)
         aux = probes.loss(model, out.hidden_states[1], ids, pad_id) if probes is not None else out.logits.new_zeros(())
         ret = out.logits.new_zeros(())
         if spans is not None and key_probe is not None:
@@ -921,9 +1011,9 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
                         for role, (layer, head) in heads.items())
         if roles == "full":
             ret = ret + contrast_loss(store, spans, *heads["gather"])
-    logits = out.logits[:, :-1].float()
-    target = labels[:, 1:]
-    tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [B, S-1]
+    logits = out.logits.float()  # [B, K, V]
+    target = labels[:, 1:][:, keep]  # [B, K]
+    tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [B, K]
     mask = (target != -100).to(tok_loss.dtype)
     if weights_fn is not None:
         mask = mask * weights_fn(target)
@@ -1392,6 +1482,10 @@ def _parse(argv):
     p.add_argument("--split-uuid-hex", action="store_true",
                    help="tokenizer spells uuid hex letters one per token (from scratch: built so; with "
                         "--init-from: added to the checkpoint's tokenizer, vocabulary unchanged)")
+    p.add_argument("--word-tokens", choices=sorted(WORD_TOKEN_LISTS), default=None,
+                   help="make RULER key words single tokens: nouns = the word after the hyphen, keys = both words "
+                        "(longctx.tiny.add_word_tokens; with --init-from the embeddings grow, "
+                        "longctx.tiny.grow_embeddings)")
     p.add_argument("--gather-spread", action="store_true",
                    help="train the key-gathering head to attend to every key token evenly (uniform-target "
                         "loss) instead of to any of them (attention-mass loss)")
@@ -1490,8 +1584,16 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             if args.split_uuid_hex and not splits_uuid_hex(tok):
                 split_uuid_hex(tok)
                 logger.info("the tokenizer now spells uuid letters one per token (--split-uuid-hex)")
+            if args.word_tokens:
+                tok = add_word_tokens(tok, WORD_TOKEN_LISTS[args.word_tokens])
+                for n, m in models.items():
+                    added = grow_embeddings(m, len(tok), seed=args.seed)
+                    logger.info("tiny-%s: %d whole-word tokens added (--word-tokens %s), vocabulary %d", n, added,
+                                args.word_tokens, len(tok))
         else:
             tok = build_tokenizer(seed=args.seed, essay_words=essay, split_uuid_hex=args.split_uuid_hex)
+            if args.word_tokens:
+                tok = add_word_tokens(tok, WORD_TOKEN_LISTS[args.word_tokens])
             models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
         models = {n: m.to(device) for n, m in models.items()}
         def scaled(stages, first_weight=None, stage_steps=None, mix=None):

@@ -278,3 +278,94 @@ def test_insert_layer_flag_requires_init_from(tmp_path):
 
     with pytest.raises(ValueError, match="--insert-layer requires --init-from"):
         train_tiny_main(["--out-dir", str(tmp_path), "--insert-layer", "2", "--retrieval-only"])
+
+
+def test_add_word_tokens_makes_hyphenated_nouns_whole_and_leaves_other_text(tmp_path):
+    """Listed words become single tokens after a hyphen; essay text, numbers, uuids and every old
+    id keep their tokenization; the grown tokenizer saves and loads; a second call adds nothing."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    old = AutoTokenizer.from_pretrained(TARGET)
+    nouns = ["dinosaur", "seminar", "ownership", "lettuce"]
+    grown = tiny.add_word_tokens(old, nouns + ["dinosaur", ""])
+    assert len(grown) == len(old) + 4
+    key = " fluffy-dinosaur"
+    assert grown.convert_ids_to_tokens(grown(key, add_special_tokens=False).input_ids)[-2:] == ["-", "dinosaur"]
+    assert len(old(key, add_special_tokens=False).input_ids) > len(grown(key, add_special_tokens=False).input_ids)
+    essay = " ".join(tiny.load_essay_words()[:3000])
+    other = f"{essay} The grass is green. 1234567 {uuid.UUID(int=random.Random(3).getrandbits(128), version=4)}"
+    assert grown(other).input_ids == old(other).input_ids
+    assert grown(" the dinosaur").input_ids == old(" the dinosaur").input_ids  # after a space: unchanged
+    tiny.save_model(tiny.build_model(tiny.MODEL_CONFIGS["draft"], grown, seed=0), grown, tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(key + " is: 42.").input_ids == grown(key + " is: 42.").input_ids
+    assert len(tiny.add_word_tokens(loaded, nouns)) == len(loaded)  # idempotent
+    spaced = tiny.add_word_tokens(old, [" fluffy", "dinosaur"])  # a leading space: the spaced form
+    assert spaced.convert_ids_to_tokens(spaced(key, add_special_tokens=False).input_ids) == ["\u0120fluffy", "-",
+                                                                                            "dinosaur"]
+    assert len(tiny.WORD_TOKEN_LISTS["keys"]) > len(tiny.WORD_TOKEN_LISTS["nouns"]) > 6000
+    with pytest.raises(ValueError, match="add_word_tokens requires a BPE tokenizer"):
+        tiny.add_word_tokens(PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}))), nouns)
+
+
+def test_grow_embeddings_keeps_old_tokens_and_draws_distinct_new_rows():
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    model = tiny.build_model(cfg, tok, seed=0).eval()
+    ids = torch.randint(3, len(tok), (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert tiny.grow_embeddings(model, len(tok) + 50, seed=3) == 50
+    emb = model.get_input_embeddings().weight
+    assert emb.shape == (len(tok) + 50, 64) and model.config.vocab_size == len(tok) + 50
+    assert model.lm_head.weight.data_ptr() == emb.data_ptr()  # still tied
+    torch.testing.assert_close(emb[: len(tok)], old)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after[..., : len(tok)], before)
+    new = torch.nn.functional.normalize(emb[len(tok):].detach(), dim=-1)
+    cos = new @ new.T - torch.eye(50)
+    assert cos.abs().max() < 0.8  # as far apart as random directions, not near-copies of the mean
+    torch.testing.assert_close(emb[len(tok):].std(0), old.std(0), rtol=0.4, atol=0.0)
+    assert tiny.grow_embeddings(model, len(tok) + 50) == 0
+    with pytest.raises(ValueError, match="vocab_size >= the model's"):
+        tiny.grow_embeddings(model, 10)
+
+
+def test_loss_reads_the_lm_head_only_where_labelled():
+    """``_loss`` keeps only the positions whose next token is labelled; the loss is the same as
+    the per-sequence mean over the full logits."""
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    model = tiny.build_model(cfg, tok, seed=0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, len(tok), (2, 30), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[0, 20:25] = ids[0, 20:25]
+    labels[1, 5:8] = ids[1, 5:8]
+    pos = torch.arange(30).repeat(2, 1)
+    loss, _, _, per_seq = tiny._loss(model, ids, labels, pos, autocast=False)
+    logits = model(ids, position_ids=pos).logits[:, :-1]
+    full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                             reduction="none")
+    want = torch.stack([full[0, 19:24].mean(), full[1, 4:7].mean()])
+    torch.testing.assert_close(per_seq, want.detach())
+    torch.testing.assert_close(loss, want.mean())
+
+
+def test_word_tokens_flag_grows_an_initial_checkpoint(tmp_path):
+    """``train-tiny --init-from D --word-tokens nouns``: the saved target has the grown vocabulary
+    and a key's noun is one token."""
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    tiny.save_model(tiny.build_model(cfg, tok, seed=0), tok, tmp_path / "init" / "tiny-target")
+    rc = tiny.train_tiny_main(["--models", "target", "--init-from", str(tmp_path / "init"), "--word-tokens", "nouns",
+                               "--retrieval-only", "--stage-steps", "1,1", "--out-dir", str(tmp_path / "out"),
+                               "--eval-lengths", ""])
+    assert rc == 0
+    grown = AutoTokenizer.from_pretrained(tmp_path / "out" / "tiny-target")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-target")
+    assert len(grown) > len(tok) + 1000 and model.config.vocab_size == len(grown)
+    assert grown.convert_ids_to_tokens(grown(" cold-dinosaur", add_special_tokens=False).input_ids)[-1] == "dinosaur"
