@@ -509,7 +509,6 @@ def add_word_tokens(tokenizer, words: Sequence[str]):
         The grown tokenizer (same special tokens, chat template and maximum length).
     """
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model") or {}
@@ -526,13 +525,7 @@ def add_word_tokens(tokenizer, words: Sequence[str]):
             vocab[form] = next_id
             next_id += 1
     model["ignore_merges"] = True
-    grown = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>", unk_token=None, additional_special_tokens=SPECIAL_TOKENS[3:],
-    )
-    grown.chat_template = tokenizer.chat_template
-    grown.model_max_length = tokenizer.model_max_length
-    return grown
+    return _wrap_tokenizer(Tokenizer.from_str(json.dumps(spec)), tokenizer.chat_template, tokenizer.model_max_length)
 
 
 def grow_embeddings(model, vocab_size: int, seed: int = 0) -> int:
@@ -569,7 +562,6 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0, essay_words: Optional
     were first trained with.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     essay_words = essay_words if essay_words is not None else load_essay_words()
     tok = Tokenizer(models.BPE())
@@ -585,12 +577,19 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0, essay_words: Optional
     tok.train_from_iterator(_tokenizer_corpus(essay_words, seed), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return _wrap_tokenizer(tok, CHAT_TEMPLATE, 65536)
+
+
+def _wrap_tokenizer(tok, chat_template: str, max_length: int):
+    """``tok`` (a ``tokenizers.Tokenizer``) as the ``PreTrainedTokenizerFast`` the tiny models ship with."""
+    from transformers import PreTrainedTokenizerFast
+
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token=None,
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
-    hf.chat_template = CHAT_TEMPLATE
-    hf.model_max_length = 65536
+    hf.chat_template = chat_template
+    hf.model_max_length = max_length
     return hf
 
 
