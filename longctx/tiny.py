@@ -6,7 +6,8 @@ needed to rebuild them from scratch, seeded and reproducible:
 
 - a byte-level BPE tokenizer (HF ``tokenizers``) with word tokens for the template/haystack
   words, single digits (any 7-digit number is 7 digit tokens) and a byte fallback (any word or
-  uuid can be spelled), saved with a chat template;
+  uuid can be spelled), saved with a chat template; options that grow it for a trained model
+  (uuid letters one per token, whole-word key tokens, numbers in groups of up to 3 digits);
 - a synthetic data generator shaped exactly like RULER's NIAH tasks (noise / needle / essay
   haystacks, the official needle sentence, question template, answer prefix and singular
   rewrite, multi-key / multi-value / multi-query variants), variable-tracking chains, and plain
@@ -434,13 +435,35 @@ UUID_HEX_PATTERN = (
 )
 
 
-def _pre_tokenizer(split_uuid_hex: bool):
+def digit_group_pattern(size: int) -> str:
+    """The pre-tokenizer regex that cuts digit runs into groups of up to ``size`` digits.
+
+    A run of digits next to a hex letter or a dash (inside a uuid, e.g. ``05106943-be3e``) is cut
+    into single digits as before; any other run is cut left to right into groups of ``size`` (a
+    7-digit value ``1234567`` -> ``123``, ``456``, ``7``, as Llama 3's tokenizer does).
+    """
+    return rf"(?<=[a-f-][0-9]{{0,11}})[0-9]|[0-9](?=[0-9]{{0,11}}[a-f-])|[0-9]{{1,{size}}}"
+
+
+def _pre_tokenizer(split_uuid_hex: bool, digit_groups: int = 1):
     from tokenizers import Regex, pre_tokenizers
 
-    steps = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if digit_groups > 1:
+        # One split for uuid letters and digit groups: each pattern needs the other's characters
+        # as context, which a first split would have cut off into pieces of their own.
+        pattern = (UUID_HEX_PATTERN + "|" if split_uuid_hex else "") + digit_group_pattern(digit_groups)
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"), byte_level])
+    steps = [pre_tokenizers.Digits(individual_digits=True), byte_level]
     if split_uuid_hex:
         steps.insert(0, pre_tokenizers.Split(Regex(UUID_HEX_PATTERN), "isolated"))
     return pre_tokenizers.Sequence(steps)
+
+
+def _split_patterns(tokenizer) -> list[str]:
+    """The regexes of ``tokenizer``'s ``Split`` pre-tokenizers."""
+    return [p.get("pattern", {}).get("Regex", "") for p in _pre_tokenizer_of(tokenizer).get("pretokenizers", [])
+            if p.get("type") == "Split"]
 
 
 def _pre_tokenizer_of(tokenizer) -> dict:
@@ -450,9 +473,7 @@ def _pre_tokenizer_of(tokenizer) -> dict:
 
 def splits_uuid_hex(tokenizer) -> bool:
     """Whether ``tokenizer`` (a fast tokenizer of these models) spells uuid letters one per token."""
-    pre = _pre_tokenizer_of(tokenizer)
-    return any(p.get("type") == "Split" and p.get("pattern", {}).get("Regex") == UUID_HEX_PATTERN
-               for p in pre.get("pretokenizers", []))
+    return any(r == UUID_HEX_PATTERN or r.startswith(UUID_HEX_PATTERN + "|") for r in _split_patterns(tokenizer))
 
 
 def split_uuid_hex(tokenizer):
@@ -472,6 +493,71 @@ def split_uuid_hex(tokenizer):
                          f"Digits + ByteLevel; got {kinds or pre.get('type')})")
     tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer(split_uuid_hex=True)
     return tokenizer
+
+
+def digit_group_size(tokenizer) -> int:
+    """How many digits a token of ``tokenizer`` (one of these models') holds at most (1: single digits)."""
+    for regex in _split_patterns(tokenizer):
+        for size in range(2, 10):
+            if regex.endswith(digit_group_pattern(size)):
+                return size
+    return 1
+
+
+def group_digits(tokenizer, size: int = 3):
+    """A copy of ``tokenizer`` that spells numbers in groups of up to ``size`` digits.
+
+    With single-digit tokens a 7-digit value is 7 tokens drawn from 10, so at 16K (~540 needles,
+    ~3,800 value digits) every digit a model copies occurs a few hundred times in the context and
+    the copy has to be told apart by its neighbours alone; the shipped target's 16K misses are
+    mostly values that start right and then drift (``BENCHMARKS.md``, "why answers miss").
+    Grouping digits left to right (``1234567`` -> ``123``, ``456``, ``7``; the pre-tokenizer of
+    :func:`digit_group_pattern`) makes a value 3 tokens drawn from 1,000. Every digit string of
+    2 to ``size`` digits is appended to the vocabulary (1,100 tokens for ``size=3``); digits inside
+    uuids stay single, and other text tokenizes as before. Existing ids keep their meaning; new
+    ids follow them, so a trained model only needs :func:`grow_embeddings`. Idempotent.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerFast
+        A tokenizer of :func:`build_tokenizer`'s kind (single-digit pre-tokenizer); left unchanged.
+    size : int
+        Largest group, 2 to 4 digits.
+
+    Returns
+    -------
+    PreTrainedTokenizerFast
+        The grown tokenizer (same special tokens, chat template and maximum length).
+    """
+    from tokenizers import Tokenizer
+
+    if not isinstance(size, int) or not 2 <= size <= 4:
+        raise ValueError(f"group_digits requires size to be an int in 2..4 digits per token (got {size!r})")
+    current = digit_group_size(tokenizer)
+    if current == size:
+        return tokenizer
+    if current != 1:
+        raise ValueError(f"group_digits: the tokenizer already groups digits by {current}; regrouping by {size} "
+                         "would reuse ids with other meanings")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model") or {}
+    kinds = [p.get("type") for p in (spec.get("pre_tokenizer") or {}).get("pretokenizers", [])]
+    if model.get("type") != "BPE" or "Digits" not in kinds:
+        raise ValueError("group_digits requires a BPE tokenizer from longctx.tiny.build_tokenizer (pre-tokenizers "
+                         f"[Split,] Digits, ByteLevel; got model {model.get('type')!r}, pre-tokenizers {kinds})")
+    vocab = model["vocab"]
+    specials = {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
+    next_id = max([*vocab.values(), *specials.values()]) + 1
+    for n in range(2, size + 1):
+        for k in range(10 ** n):
+            form = f"{k:0{n}d}"
+            if form not in vocab:
+                vocab[form] = next_id
+                next_id += 1
+    model["ignore_merges"] = True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.pre_tokenizer = _pre_tokenizer(splits_uuid_hex(tokenizer), size)
+    return _wrap_tokenizer(tok, tokenizer.chat_template, tokenizer.model_max_length)
 
 
 def _byte_level(word: str) -> str:
@@ -677,7 +763,7 @@ class SampleStream:
         self.set_mix(TRAIN_MIX if mix is None else mix)
         specials = set(tokenizer.all_special_ids)
         self.plain_ids = [i for i in range(len(tokenizer)) if i not in specials]
-        self.digit_ids = tokenizer.convert_tokens_to_ids(list("0123456789"))
+        self.digit_ids = sorted(i for t, i in tokenizer.get_vocab().items() if t.isascii() and t.isdigit())
         self.last_tasks: list[str] = []
         self.copy_only = False  # a stage of pure copy text (the induction warm-up)
         self.want_spans = False  # record retrieval targets (tiny_retrieval.answer_targets) per sample
@@ -1485,6 +1571,10 @@ def _parse(argv):
                    help="make RULER key words single tokens: nouns = the word after the hyphen, keys = both words "
                         "(longctx.tiny.add_word_tokens; with --init-from the embeddings grow, "
                         "longctx.tiny.grow_embeddings)")
+    p.add_argument("--digit-groups", type=int, choices=(1, 2, 3, 4), default=1,
+                   help="spell numbers outside uuids in groups of up to this many digits (1234567 -> 123 456 7 for "
+                        "3; longctx.tiny.group_digits; with --init-from the embeddings grow). Default 1: single "
+                        "digits, the shipped tokenizer")
     p.add_argument("--gather-spread", action="store_true",
                    help="train the key-gathering head to attend to every key token evenly (uniform-target "
                         "loss) instead of to any of them (attention-mass loss)")
@@ -1589,10 +1679,18 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                     added = grow_embeddings(m, len(tok), seed=args.seed)
                     logger.info("tiny-%s: %d whole-word tokens added (--word-tokens %s), vocabulary %d", n, added,
                                 args.word_tokens, len(tok))
+            if args.digit_groups > 1:
+                tok = group_digits(tok, args.digit_groups)
+                for n, m in models.items():
+                    added = grow_embeddings(m, len(tok), seed=args.seed + 1)
+                    logger.info("tiny-%s: %d digit-group tokens added (--digit-groups %d), vocabulary %d", n, added,
+                                args.digit_groups, len(tok))
         else:
             tok = build_tokenizer(seed=args.seed, essay_words=essay, split_uuid_hex=args.split_uuid_hex)
             if args.word_tokens:
                 tok = add_word_tokens(tok, WORD_TOKEN_LISTS[args.word_tokens])
+            if args.digit_groups > 1:
+                tok = group_digits(tok, args.digit_groups)
             models = {n: build_model(MODEL_CONFIGS[n], tok, args.seed + (n == "draft")) for n in names}
         models = {n: m.to(device) for n, m in models.items()}
         def scaled(stages, first_weight=None, stage_steps=None, mix=None):

@@ -369,3 +369,51 @@ def test_word_tokens_flag_grows_an_initial_checkpoint(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-target")
     assert len(grown) > len(tok) + 1000 and model.config.vocab_size == len(grown)
     assert grown.convert_ids_to_tokens(grown(" cold-dinosaur", add_special_tokens=False).input_ids)[-1] == "dinosaur"
+
+
+def test_group_digits_spells_numbers_in_groups_and_leaves_other_text(tmp_path):
+    """Numbers outside uuids become groups of up to 3 digits; uuids, essay and noise text and
+    every old id keep their tokenization; the tokenizer saves, loads and round-trips; bad sizes
+    and regrouping are refused."""
+    old = AutoTokenizer.from_pretrained(TARGET)
+    grown = tiny.group_digits(old, 3)
+    assert len(grown) == len(old) + 1100 and tiny.digit_group_size(grown) == 3 and tiny.digit_group_size(old) == 1
+    assert tiny.splits_uuid_hex(grown)
+    rng = random.Random(5)
+    value = str(rng.randint(10**6, 10**7 - 1))
+    assert grown.convert_ids_to_tokens(grown(f"is: {value}.", add_special_tokens=False).input_ids)[-4:] == [
+        value[:3], value[3:6], value[6], "."]
+    assert grown.convert_ids_to_tokens(grown("VAR X = 12345", add_special_tokens=False).input_ids)[-2:] == ["123", "45"]
+    uuids = " ".join(str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(20))
+    essay = " ".join(tiny.load_essay_words()[:3000])
+    other = f"{essay} {tiny.NOISE_LINE} {uuids} 12345678-0000-4000-8000-123456789012 fluffy-dinosaur"
+    assert grown(other).input_ids == old(other).input_ids
+    texts = [str(rng.randint(0, 10**9)) for _ in range(30)] + [f"a{rng.randint(0, 999)}b 0{rng.randint(0, 99)}."]
+    for text in texts:
+        assert grown.decode(grown(text).input_ids, skip_special_tokens=True) == text
+    tiny.save_model(tiny.build_model(tiny.MODEL_CONFIGS["draft"], grown, seed=0), grown, tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(f"{other} {value}").input_ids == grown(f"{other} {value}").input_ids
+    assert tiny.group_digits(loaded, 3) is loaded  # idempotent
+    stream = tiny.SampleStream(grown, seed=0, essay_words=tiny.load_essay_words()[:2000])
+    assert len(stream.digit_ids) == 1110 and grown.convert_tokens_to_ids("907") in stream.digit_ids
+    with pytest.raises(ValueError, match="already groups digits by 3"):
+        tiny.group_digits(grown, 2)
+    with pytest.raises(ValueError, match="size to be an int in 2..4"):
+        tiny.group_digits(old, 5)
+
+
+def test_digit_groups_flag_grows_an_initial_checkpoint(tmp_path):
+    """``train-tiny --init-from D --digit-groups 3``: the saved target has the grown vocabulary and
+    spells a 7-digit value in three tokens."""
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    tiny.save_model(tiny.build_model(cfg, tok, seed=0), tok, tmp_path / "init" / "tiny-target")
+    rc = tiny.train_tiny_main(["--models", "target", "--init-from", str(tmp_path / "init"), "--digit-groups", "3",
+                               "--retrieval-only", "--stage-steps", "1,1", "--out-dir", str(tmp_path / "out"),
+                               "--eval-lengths", ""])
+    assert rc == 0
+    grown = AutoTokenizer.from_pretrained(tmp_path / "out" / "tiny-target")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-target")
+    assert len(grown) == len(tok) + 1100 and model.config.vocab_size == len(grown)
+    assert grown.convert_ids_to_tokens(grown("1234567", add_special_tokens=False).input_ids) == ["123", "456", "7"]
