@@ -38,7 +38,7 @@ import string
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -614,12 +614,16 @@ def add_word_tokens(tokenizer, words: Sequence[str]):
     return _wrap_tokenizer(Tokenizer.from_str(json.dumps(spec)), tokenizer.chat_template, tokenizer.model_max_length)
 
 
-def grow_embeddings(model, vocab_size: int, seed: int = 0) -> int:
+def grow_embeddings(model, vocab_size: int, seed: int = 0, near: Optional[Sequence[int]] = None,
+                    spread: float = 0.5) -> int:
     """Grow ``model``'s (tied) token embeddings to ``vocab_size`` rows; returns how many were added.
 
     New rows are drawn from a normal with the existing rows' per-dimension mean and standard
     deviation, so they are as far apart as trained tokens are (``transformers``' mean resizing
-    would make them nearly equal, useless as distinct keys). Existing rows are unchanged.
+    would make them nearly equal, useless as distinct keys). With ``near`` (one existing token id
+    per new row) each new row starts at that token's row plus ``spread`` times that noise instead,
+    so the trained circuits read a new token like its neighbour (a digit group like its first
+    digit) until training tells them apart. Existing rows are unchanged.
     """
     emb = model.get_input_embeddings().weight
     old, dim = emb.shape  # [V, D]
@@ -627,10 +631,16 @@ def grow_embeddings(model, vocab_size: int, seed: int = 0) -> int:
         raise ValueError(f"grow_embeddings requires vocab_size >= the model's {old} rows (got {vocab_size})")
     if vocab_size == old:
         return 0
+    if near is not None and (len(near) != vocab_size - old or not all(0 <= int(i) < old for i in near)):
+        raise ValueError(f"grow_embeddings requires near to hold one existing token id (0..{old - 1}) per new row "
+                         f"({vocab_size - old}; got {len(near)} ids)")
+    if not spread > 0:
+        raise ValueError(f"grow_embeddings requires spread > 0 (got {spread})")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         mean, std = emb.float().mean(0), emb.float().std(0)  # [D]
-        rows = mean + std * torch.randn(vocab_size - old, dim, generator=gen)  # [V', D]
+        noise = std * torch.randn(vocab_size - old, dim, generator=gen)  # [V', D]
+        rows = mean + noise if near is None else emb.float()[torch.as_tensor(list(near))] + spread * noise
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
         model.get_input_embeddings().weight[old:] = rows.to(emb.dtype)
     model.config.vocab_size = vocab_size
@@ -1319,9 +1329,12 @@ def draft_agreement(target, draft, tokenizer, prompt: str, gen: list[int]) -> tu
 # ---------------------------------------------------------------------------------------------
 # Saving / CLI
 # ---------------------------------------------------------------------------------------------
-def save_model(model, tokenizer, path: Path):
+def save_model(model, tokenizer, path: Union[str, Path]):
+    """Save ``model`` and ``tokenizer`` as one ``from_pretrained`` folder at ``path`` (created),
+    with a greedy generation config naming the tokenizer's BOS / EOS / PAD ids."""
     from transformers import GenerationConfig
 
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -1575,6 +1588,9 @@ def _parse(argv):
                    help="spell numbers outside uuids in groups of up to this many digits (1234567 -> 123 456 7 for "
                         "3; longctx.tiny.group_digits; with --init-from the embeddings grow). Default 1: single "
                         "digits, the shipped tokenizer")
+    p.add_argument("--digit-init", choices=("random", "first"), default="random",
+                   help="with --init-from --digit-groups: new digit-group embeddings start random (the trained "
+                        "rows' statistics) or at their first digit's row plus noise (longctx.tiny.grow_embeddings)")
     p.add_argument("--gather-spread", action="store_true",
                    help="train the key-gathering head to attend to every key token evenly (uniform-target "
                         "loss) instead of to any of them (attention-mass loss)")
@@ -1681,8 +1697,11 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                                 args.word_tokens, len(tok))
             if args.digit_groups > 1:
                 tok = group_digits(tok, args.digit_groups)
+                first_digits = [tok.convert_tokens_to_ids(t[0]) for t in tok.convert_ids_to_tokens(
+                    range(len(models[names[0]].get_input_embeddings().weight), len(tok)))]
                 for n, m in models.items():
-                    added = grow_embeddings(m, len(tok), seed=args.seed + 1)
+                    added = grow_embeddings(m, len(tok), seed=args.seed + 1,
+                                            near=first_digits if args.digit_init == "first" else None)
                     logger.info("tiny-%s: %d digit-group tokens added (--digit-groups %d), vocabulary %d", n, added,
                                 args.digit_groups, len(tok))
         else:

@@ -334,6 +334,27 @@ def test_grow_embeddings_keeps_old_tokens_and_draws_distinct_new_rows():
         tiny.grow_embeddings(model, 10)
 
 
+def test_grow_embeddings_near_starts_each_new_row_at_its_neighbour():
+    """With ``near`` each new row is its neighbour's row plus ``spread`` times the noise: closest to
+    that neighbour among the old rows, distinct from its siblings; bad ``near`` / ``spread`` refused."""
+    tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
+    cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    model = tiny.build_model(cfg, tok, seed=0)
+    old = model.get_input_embeddings().weight.detach().clone()
+    near = torch.randint(3, len(tok), (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    near[1] = near[0]
+    with pytest.raises(ValueError, match="one existing token id"):
+        tiny.grow_embeddings(model, len(tok) + 40, near=near[:-1])
+    with pytest.raises(ValueError, match="spread > 0"):
+        tiny.grow_embeddings(model, len(tok) + 40, near=near, spread=0.0)
+    assert tiny.grow_embeddings(model, len(tok) + 40, seed=4, near=near, spread=0.3) == 40
+    new = model.get_input_embeddings().weight[len(tok):].detach()
+    assert torch.cdist(new, old).argmin(-1).tolist() == near
+    offset = new - old[near]
+    assert (offset.std(0) / old.std(0)).mean().item() == pytest.approx(0.3, rel=0.25)
+    assert not torch.allclose(new[0], new[1])
+
+
 def test_loss_reads_the_lm_head_only_where_labelled():
     """``_loss`` keeps only the positions whose next token is labelled; the loss is the same as
     the per-sequence mean over the full logits."""
@@ -362,8 +383,8 @@ def test_word_tokens_flag_grows_an_initial_checkpoint(tmp_path):
     cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
     tiny.save_model(tiny.build_model(cfg, tok, seed=0), tok, tmp_path / "init" / "tiny-target")
     rc = tiny.train_tiny_main(["--models", "target", "--init-from", str(tmp_path / "init"), "--word-tokens", "nouns",
-                               "--retrieval-only", "--stage-steps", "1,1", "--out-dir", str(tmp_path / "out"),
-                               "--eval-lengths", ""])
+                               "--digit-init", "first", "--retrieval-only", "--stage-steps", "1,1",
+                               "--out-dir", str(tmp_path / "out"), "--eval-lengths", ""])
     assert rc == 0
     grown = AutoTokenizer.from_pretrained(tmp_path / "out" / "tiny-target")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-target")
@@ -404,16 +425,19 @@ def test_group_digits_spells_numbers_in_groups_and_leaves_other_text(tmp_path):
 
 
 def test_digit_groups_flag_grows_an_initial_checkpoint(tmp_path):
-    """``train-tiny --init-from D --digit-groups 3``: the saved target has the grown vocabulary and
-    spells a 7-digit value in three tokens."""
+    """``train-tiny --init-from D --digit-groups 3 --digit-init first``: the saved target has the grown
+    vocabulary, spells a 7-digit value in three tokens and starts each group at its first digit."""
     tok = tiny.build_tokenizer(vocab_size=400, essay_words=tiny.load_essay_words()[:5000])
     cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
     tiny.save_model(tiny.build_model(cfg, tok, seed=0), tok, tmp_path / "init" / "tiny-target")
     rc = tiny.train_tiny_main(["--models", "target", "--init-from", str(tmp_path / "init"), "--digit-groups", "3",
-                               "--retrieval-only", "--stage-steps", "1,1", "--out-dir", str(tmp_path / "out"),
-                               "--eval-lengths", ""])
+                               "--digit-init", "first", "--retrieval-only", "--stage-steps", "1,1",
+                               "--out-dir", str(tmp_path / "out"), "--eval-lengths", ""])
     assert rc == 0
     grown = AutoTokenizer.from_pretrained(tmp_path / "out" / "tiny-target")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-target")
     assert len(grown) == len(tok) + 1100 and model.config.vocab_size == len(grown)
     assert grown.convert_ids_to_tokens(grown("1234567", add_special_tokens=False).input_ids) == ["123", "456", "7"]
+    emb = model.get_input_embeddings().weight.detach()  # --digit-init first: a group starts at its first digit
+    groups = grown.convert_tokens_to_ids(["123", "456", "07"])
+    assert torch.cdist(emb[groups], emb[: len(tok)]).argmin(-1).tolist() == grown.convert_tokens_to_ids(["1", "4", "0"])
