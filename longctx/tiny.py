@@ -1641,6 +1641,9 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.insert_layer is not None and not args.init_from:
         raise ValueError(f"--insert-layer requires --init-from (a trained model to grow; got --insert-layer "
                          f"{args.insert_layer} without)")
+    if args.digit_init == "first" and (args.digit_groups == 1 or not args.init_from):
+        raise ValueError("--digit-init first requires --digit-groups 2..4 and --init-from (a trained model whose "
+                         f"embeddings grow; got --digit-groups {args.digit_groups}, --init-from {args.init_from!r})")
     if args.hard_keys is not None and not 0.0 <= args.hard_keys <= 1.0:
         raise ValueError(f"--hard-keys requires a probability in [0, 1] (got {args.hard_keys})")
     mix = None

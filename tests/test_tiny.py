@@ -438,6 +438,9 @@ def test_digit_groups_flag_grows_an_initial_checkpoint(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-target")
     assert len(grown) == len(tok) + 1100 and model.config.vocab_size == len(grown)
     assert grown.convert_ids_to_tokens(grown("1234567", add_special_tokens=False).input_ids) == ["123", "456", "7"]
+    with pytest.raises(ValueError, match="--digit-init first requires --digit-groups 2..4 and --init-from"):
+        tiny.train_tiny_main(["--models", "target", "--digit-init", "first", "--retrieval-only",
+                              "--out-dir", str(tmp_path / "bad"), "--eval-lengths", ""])
     emb = model.get_input_embeddings().weight.detach()  # --digit-init first: a group starts at its first digit
     groups = grown.convert_tokens_to_ids(["123", "456", "07"])
     assert torch.cdist(emb[groups], emb[: len(tok)]).argmin(-1).tolist() == grown.convert_tokens_to_ids(["1", "4", "0"])
