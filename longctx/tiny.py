@@ -1700,11 +1700,13 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                                 args.word_tokens, len(tok))
             if args.digit_groups > 1:
                 tok = group_digits(tok, args.digit_groups)
-                first_digits = [tok.convert_tokens_to_ids(t[0]) for t in tok.convert_ids_to_tokens(
-                    range(len(models[names[0]].get_input_embeddings().weight), len(tok)))]
+                near = None
+                if args.digit_init == "first":  # each new group token starts at its first digit
+                    old_size = len(models[names[0]].get_input_embeddings().weight)
+                    groups = tok.convert_ids_to_tokens(range(old_size, len(tok)))
+                    near = [tok.convert_tokens_to_ids(t[0]) for t in groups]
                 for n, m in models.items():
-                    added = grow_embeddings(m, len(tok), seed=args.seed + 1,
-                                            near=first_digits if args.digit_init == "first" else None)
+                    added = grow_embeddings(m, len(tok), seed=args.seed + 1, near=near)
                     logger.info("tiny-%s: %d digit-group tokens added (--digit-groups %d), vocabulary %d", n, added,
                                 args.digit_groups, len(tok))
         else:
