@@ -615,7 +615,7 @@ def add_word_tokens(tokenizer, words: Sequence[str]):
 
 
 def grow_embeddings(model, vocab_size: int, seed: int = 0, near: Optional[Sequence[int]] = None,
-                    spread: float = 0.5) -> int:
+                    spread: float = 0.7) -> int:
     """Grow ``model``'s (tied) token embeddings to ``vocab_size`` rows; returns how many were added.
 
     New rows are drawn from a normal with the existing rows' per-dimension mean and standard
