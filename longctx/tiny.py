@@ -498,7 +498,7 @@ def split_uuid_hex(tokenizer):
 def digit_group_size(tokenizer) -> int:
     """How many digits a token of ``tokenizer`` (one of these models') holds at most (1: single digits)."""
     for regex in _split_patterns(tokenizer):
-        for size in range(2, 10):
+        for size in range(2, 5):  # the sizes group_digits makes
             if regex.endswith(digit_group_pattern(size)):
                 return size
     return 1

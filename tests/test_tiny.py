@@ -383,8 +383,8 @@ def test_word_tokens_flag_grows_an_initial_checkpoint(tmp_path):
     cfg = tiny.TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
     tiny.save_model(tiny.build_model(cfg, tok, seed=0), tok, tmp_path / "init" / "tiny-target")
     rc = tiny.train_tiny_main(["--models", "target", "--init-from", str(tmp_path / "init"), "--word-tokens", "nouns",
-                               "--retrieval-only", "--stage-steps", "1,1",
-                               "--out-dir", str(tmp_path / "out"), "--eval-lengths", ""])
+                               "--retrieval-only", "--stage-steps", "1,1", "--out-dir", str(tmp_path / "out"),
+                               "--eval-lengths", ""])
     assert rc == 0
     grown = AutoTokenizer.from_pretrained(tmp_path / "out" / "tiny-target")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-target")
