@@ -1390,6 +1390,102 @@ def insert_identity_layer(model, at: int):
     return model
 
 
+def _grow_linear(lin: torch.nn.Linear, out_features: int, in_features: int, gen: torch.Generator,
+                 random_rows: bool, random_cols: bool) -> None:
+    """Pad ``lin``'s weight ``[O, I]`` to ``[out_features, in_features]`` in place (old block kept).
+
+    New rows / columns are zero, or drawn from a normal with the trained weight's standard
+    deviation where ``random_rows`` / ``random_cols``.
+    """
+    w = lin.weight.data  # [O, I]
+    o, i = w.shape
+    std = float(w.float().std())
+    new = torch.zeros(out_features, in_features, dtype=w.dtype, device=w.device)
+    if random_rows and out_features > o:
+        new[o:] = std * torch.randn(out_features - o, in_features, generator=gen).to(new)
+    if random_cols and in_features > i:
+        new[:, i:] = std * torch.randn(out_features, in_features - i, generator=gen).to(new)
+    new[:o, :i] = w
+    lin.weight = torch.nn.Parameter(new)
+    lin.in_features, lin.out_features = in_features, out_features
+
+
+def widen_model(model, hidden_size: Optional[int] = None, intermediate_size: Optional[int] = None,
+                seed: int = 0):
+    """Widen a Llama's residual stream and / or MLP in place without changing its outputs.
+
+    The residual stream grows by zero dimensions: the (tied) embedding and every projection that
+    writes the residual (attention output, MLP down) get zero rows there, while every projection
+    that reads it (q, k, v, MLP gate and up) gets random columns with its trained weight's spread,
+    so the new dimensions receive gradients from the first step. RMSNorm averages over the width,
+    so each norm's trained gains are scaled by ``sqrt(old / new)`` and ``rms_norm_eps`` by
+    ``old / new`` to keep its outputs exactly; new gains start at the mean old gain. New MLP units get random gate / up rows and zero down columns.
+    Head count and head dim are unchanged, so :func:`supervised_heads` names the same heads.
+
+    Parameters
+    ----------
+    model : LlamaForCausalLM
+        Modified in place (``config.hidden_size`` / ``config.intermediate_size`` too).
+    hidden_size, intermediate_size : int, optional
+        New widths, each at least the current one; ``None`` keeps it.
+    seed : int
+        Seeds the new random weights.
+
+    Returns
+    -------
+    LlamaForCausalLM
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        A width below the current one, or untied embeddings (not supported).
+    """
+    cfg = model.config
+    d_old, f_old = cfg.hidden_size, cfg.intermediate_size
+    d = d_old if hidden_size is None else int(hidden_size)
+    f = f_old if intermediate_size is None else int(intermediate_size)
+    if d < d_old or f < f_old:
+        raise ValueError(f"widen_model requires hidden_size >= {d_old} and intermediate_size >= {f_old} (the "
+                         f"model's own; got hidden_size={hidden_size}, intermediate_size={intermediate_size})")
+    if not getattr(cfg, "tie_word_embeddings", False):
+        raise ValueError("widen_model requires tied input / output embeddings (config.tie_word_embeddings=True)")
+    gen = torch.Generator().manual_seed(seed)
+    gain = math.sqrt(d_old / d)
+
+    def grow_norm(norm):
+        w = norm.weight.data  # [D]
+        new = torch.full((d,), float(w.float().mean()) * gain, dtype=w.dtype, device=w.device)
+        new[:d_old] = w * gain
+        norm.weight = torch.nn.Parameter(new)
+
+    with torch.no_grad():
+        emb = model.get_input_embeddings()
+        grown = torch.zeros(emb.weight.shape[0], d, dtype=emb.weight.dtype, device=emb.weight.device)
+        grown[:, :d_old] = emb.weight.data
+        emb.weight = torch.nn.Parameter(grown)  # [V, D]
+        emb.embedding_dim = d
+        for layer in model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            for lin in (att.q_proj, att.k_proj, att.v_proj):
+                _grow_linear(lin, lin.out_features, d, gen, random_rows=False, random_cols=True)
+            _grow_linear(att.o_proj, d, att.o_proj.in_features, gen, random_rows=False, random_cols=False)
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                _grow_linear(lin, f, d, gen, random_rows=True, random_cols=True)
+            _grow_linear(mlp.down_proj, d, f, gen, random_rows=False, random_cols=False)
+            mlp.hidden_size, mlp.intermediate_size = d, f
+            grow_norm(layer.input_layernorm)
+            grow_norm(layer.post_attention_layernorm)
+        grow_norm(model.model.norm)
+    cfg.hidden_size, cfg.intermediate_size = d, f
+    cfg.rms_norm_eps = cfg.rms_norm_eps * d_old / d  # mean(x^2) over d dims + eps: the old value times d_old / d
+    for norm in (*(n for lay in model.model.layers for n in (lay.input_layernorm, lay.post_attention_layernorm)),
+                 model.model.norm):
+        norm.variance_epsilon = cfg.rms_norm_eps
+    model.tie_weights()
+    return model
+
+
 def average_checkpoints(sources: Sequence[Path], out: Path, name: str = "target") -> None:
     """Average the weights of ``<source>/tiny-<name>`` over ``sources`` (uniform) into ``out/tiny-<name>``.
 
@@ -1577,6 +1673,9 @@ def _parse(argv):
     p.add_argument("--insert-layer", type=int, default=None, metavar="AT",
                    help="with --init-from: grow each model by one decoder layer at index AT that starts as the "
                         "identity (longctx.tiny.insert_identity_layer), then train")
+    p.add_argument("--widen", default=None, metavar="HIDDEN,INTERMEDIATE",
+                   help="with --init-from: widen each model's residual stream and MLP to these sizes without "
+                        "changing its outputs (longctx.tiny.widen_model), then train; e.g. 256,768")
     p.add_argument("--split-uuid-hex", action="store_true",
                    help="tokenizer spells uuid hex letters one per token (from scratch: built so; with "
                         "--init-from: added to the checkpoint's tokenizer, vocabulary unchanged)")
@@ -1641,6 +1740,13 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.insert_layer is not None and not args.init_from:
         raise ValueError(f"--insert-layer requires --init-from (a trained model to grow; got --insert-layer "
                          f"{args.insert_layer} without)")
+    widen = None
+    if args.widen is not None:
+        parts = args.widen.split(",")
+        if not args.init_from or len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            raise ValueError("--widen requires --init-from and HIDDEN,INTERMEDIATE (two integers, e.g. 256,768; "
+                             f"got --widen {args.widen!r}, --init-from {args.init_from!r})")
+        widen = tuple(int(x) for x in parts)
     if args.digit_init == "first" and (args.digit_groups == 1 or not args.init_from):
         raise ValueError("--digit-init first requires --digit-groups 2..4 and --init-from (a trained model whose "
                          f"embeddings grow; got --digit-groups {args.digit_groups}, --init-from {args.init_from!r})")
@@ -1689,6 +1795,10 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                     insert_identity_layer(m, args.insert_layer)
                     logger.info("tiny-%s grown to %d layers (identity layer at %d, --insert-layer)", n,
                                 m.config.num_hidden_layers, args.insert_layer)
+            if widen is not None:
+                for n, m in models.items():
+                    widen_model(m, *widen, seed=args.seed)
+                    logger.info("tiny-%s widened to hidden %d, intermediate %d (--widen)", n, *widen)
             if args.split_uuid_hex and not splits_uuid_hex(tok):
                 split_uuid_hex(tok)
                 logger.info("the tokenizer now spells uuid letters one per token (--split-uuid-hex)")

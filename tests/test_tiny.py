@@ -273,6 +273,58 @@ def test_insert_identity_layer_keeps_the_outputs_and_trains(tmp_path):
         insert_identity_layer(model, 6)
 
 
+def test_widen_model_keeps_the_outputs_and_trains(tmp_path):
+    """Widening the residual stream and MLP leaves the logits (and cached generation) unchanged,
+    every new weight gets a gradient, and the result saves and loads as a plain Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longctx.tiny import supervised_heads, widen_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # trained-like norm gains, not all ones
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        before = model(ids).logits
+        gen_before = model.generate(ids[:1, :10], max_new_tokens=6, do_sample=False)
+    heads = supervised_heads(model.config)
+    widen_model(model, hidden_size=48, intermediate_size=96, seed=1)
+    assert model.config.hidden_size == 48 and model.config.intermediate_size == 96
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert supervised_heads(model.config) == heads
+    with torch.no_grad():
+        after = model(ids).logits
+        gen_after = model.generate(ids[:1, :10], max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen_after, gen_before)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.weight.grad[32:].abs().sum() > 0  # new residual rows
+    assert layer.mlp.down_proj.weight.grad[:, 64:].abs().sum() > 0  # new MLP units
+    assert model.model.embed_tokens.weight.grad[:, 32:].abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, after)
+    with pytest.raises(ValueError, match="hidden_size >= 48"):
+        widen_model(model, hidden_size=32)
+
+
+def test_widen_flag_requires_init_from_and_two_sizes(tmp_path):
+    from longctx.tiny import train_tiny_main
+
+    with pytest.raises(ValueError, match="--widen requires --init-from"):
+        train_tiny_main(["--out-dir", str(tmp_path), "--widen", "256,768", "--retrieval-only"])
+    with pytest.raises(ValueError, match="HIDDEN,INTERMEDIATE"):
+        train_tiny_main(["--out-dir", str(tmp_path), "--widen", "256", "--init-from", str(tmp_path)])
+
+
 def test_insert_layer_flag_requires_init_from(tmp_path):
     from longctx.tiny import train_tiny_main
 
