@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_diagnose)
 
     _mount_optional(sub, "longctx.eval.cli", "add_eval_subparser")
-    t = sub.add_parser("train-tiny", help="train the bundled tiny target/draft models (see longctx/tiny.py)",
+    t = sub.add_parser("train-tiny", help="train the bundled tiny target/draft models (see longctx/tiny/)",
                        add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the training script (--help for them)")
     t.set_defaults(func=cmd_train_tiny)

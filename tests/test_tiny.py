@@ -1,4 +1,4 @@
-"""The bundled tiny models (longctx/models_data) and the script that trains them (longctx/tiny.py)."""
+"""The bundled tiny models (longctx/models_data) and the script that trains them (longctx/tiny/)."""
 import dataclasses
 import random
 import uuid
