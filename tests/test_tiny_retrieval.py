@@ -1,11 +1,11 @@
-"""Retrieval supervision for training the tiny models (longctx/tiny_retrieval.py)."""
+"""Retrieval supervision for training the tiny models (longctx/tiny/retrieval.py)."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longctx import tiny
 from longctx.hub import load_tiny
-from longctx.tiny_retrieval import KeyProbe, answer_targets, capturing, contrast_loss, retrieval_loss
+from longctx.tiny.retrieval import KeyProbe, answer_targets, capturing, contrast_loss, retrieval_loss
 
 
 def test_answer_targets_point_at_the_token_to_copy_and_the_keys():
@@ -233,7 +233,7 @@ def test_basic_roles_fold_match_into_copy_and_skip_the_probe():
 
 
 def test_circuit_report_reads_the_supervised_heads(tmp_path, capsys):
-    from longctx.tiny_retrieval import circuit_report
+    from longctx.tiny.retrieval import circuit_report
 
     model, tok = load_tiny("tiny")
     torch.manual_seed(0)

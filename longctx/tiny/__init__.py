@@ -32,6 +32,8 @@ when this package was one module):
 - :mod:`longctx.tiny.curriculum`: stages, the curricula and their configuration;
 - :mod:`longctx.tiny.training`: probes, loss weights, the loss and the training loop;
 - :mod:`longctx.tiny.evaluation`: the quick RULER-format evaluator and the draft agreement;
+- :mod:`longctx.tiny.retrieval`: the retrieval supervision of the heads and the circuit report
+  (its own names are not re-exported; import them from there);
 - :mod:`longctx.tiny.cli`: the ``train-tiny`` command line.
 """
 from __future__ import annotations

@@ -96,11 +96,11 @@ def _parse(argv):
     p.add_argument("--keymatch-only", action="store_true",
                    help="run only the key-matching curriculum (with --init-from the polished models)")
     p.add_argument("--retrieval", action="store_true",
-                   help="after the polish, run the retrieval-supervision curriculum (longctx.tiny_retrieval)")
+                   help="after the polish, run the retrieval-supervision curriculum (longctx.tiny.retrieval)")
     p.add_argument("--retrieval-only", action="store_true",
                    help="run only the retrieval-supervision curriculum (with --init-from the polished models)")
     p.add_argument("--retrieval-weight", type=float, default=0.0,
-                   help="weight of the retrieval supervision (longctx.tiny_retrieval) in every stage after the "
+                   help="weight of the retrieval supervision (longctx.tiny.retrieval) in every stage after the "
                         "copy warm-up, main curriculum and polish")
     p.add_argument("--retrieval-roles", choices=RETRIEVAL_ROLES, default="full",
                    help="parts of the retrieval supervision: 'basic' (copying + gathering heads) or 'full' (also "
@@ -148,12 +148,12 @@ def _parse(argv):
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
     p.add_argument("--circuit-report", default=None, metavar="TASK:LENGTH:N",
                    help="with --eval-only: how the target's supervised heads behave on N training-format "
-                        "prompts of TASK at LENGTH tokens (longctx.tiny_retrieval.circuit_report), as JSON")
+                        "prompts of TASK at LENGTH tokens (longctx.tiny.retrieval.circuit_report), as JSON")
     return p.parse_args(argv)
 
 
 def _print_circuit_report(target, tok, spec: str) -> int:
-    from longctx.tiny_retrieval import circuit_report
+    from longctx.tiny.retrieval import circuit_report
 
     task, _, rest = spec.partition(":")
     length, _, n = rest.partition(":")

@@ -23,10 +23,10 @@ class Stage:
     ``mix``: this stage's (task, weight) pairs instead of the run's mixture; ``final_weight``: loss
     weight of the last token of every copied span, ``first_weight``: of the first digit of every
     value (see :func:`final_token_weights`); ``retrieval_weight``: weight of the retrieval
-    supervision (:mod:`longctx.tiny_retrieval`), ``retrieval_roles``: which of its parts
+    supervision (:mod:`longctx.tiny.retrieval`), ``retrieval_roles``: which of its parts
     (``RETRIEVAL_ROLES``); ``hard_keys``: chance of a near-miss key per distractor (:func:`niah_sample`);
     ``gather_spread``: the gathering head is trained to attend to every key token evenly
-    (:func:`longctx.tiny_retrieval.retrieval_loss` with ``spread``) rather than to any of them.
+    (:func:`longctx.tiny.retrieval.retrieval_loss` with ``spread``) rather than to any of them.
     """
 
     steps: int
@@ -111,7 +111,7 @@ KEYMATCH = [
 
 # Retrieval supervision (issue 7, fifth session; the shipped target's last two runs): the polished
 # model's retrieval head spread its attention evenly over a haystack of needles (multikey_2), so it
-# answered with a random needle's value. These steps add the losses of longctx.tiny_retrieval
+# answered with a random needle's value. These steps add the losses of longctx.tiny.retrieval
 # (gathering, matching and copying heads, key probe, contrastive gathering loss) on NIAH weighted to
 # the tasks with several keys, with each value's first digit (the key-dependent token) weighted 5x.
 RETRIEVAL_MIX = (

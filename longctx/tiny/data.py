@@ -35,7 +35,7 @@ class SampleStream:
         self.digit_ids = sorted(i for t, i in tokenizer.get_vocab().items() if t.isascii() and t.isdigit())
         self.last_tasks: list[str] = []
         self.copy_only = False  # a stage of pure copy text (the induction warm-up)
-        self.want_spans = False  # record retrieval targets (tiny_retrieval.answer_targets) per sample
+        self.want_spans = False  # record retrieval targets (tiny.retrieval.answer_targets) per sample
         self.last_spans: list[dict] = []
         self.hard_keys = 0.0  # near-miss distractor keys (niah_sample), set per stage
 
@@ -72,7 +72,7 @@ class SampleStream:
         return ids[:n_tokens], labels[:n_tokens]
 
     def _spans(self, s: Sample, prompt_enc, answer_enc) -> dict[str, list[tuple[int, int, int]]]:
-        from longctx.tiny_retrieval import answer_targets
+        from longctx.tiny.retrieval import answer_targets
 
         n = len(s.prompt)
         offsets = list(prompt_enc["offset_mapping"]) + [(x + n, y + n) for x, y in answer_enc["offset_mapping"]]

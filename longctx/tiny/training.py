@@ -67,7 +67,7 @@ def final_token_weights(target: torch.Tensor, digit_ids: torch.Tensor, weight: f
 
 
 def supervised_heads(config, roles: str = "full") -> dict[str, tuple[int, int]]:
-    """The ``(layer, head)`` trained for each role of :func:`longctx.tiny_retrieval.answer_targets`.
+    """The ``(layer, head)`` trained for each role of :func:`longctx.tiny.retrieval.answer_targets`.
 
     ``gather`` (collect the key's tokens) is a head of the second layer (the first in a two-layer
     model); ``match`` (read a value's first token from the needle whose gathered key matches) and
@@ -97,7 +97,7 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
     per-sequence losses [B]; ``weights_fn(target)`` gives per-token weights; ``spans`` are the
     per-row retrieval targets, ``roles`` which parts of the supervision apply (``RETRIEVAL_ROLES``),
     ``gather_spread`` the uniform-attention loss for the gathering head."""
-    from longctx.tiny_retrieval import capturing, contrast_loss, retrieval_loss
+    from longctx.tiny.retrieval import capturing, contrast_loss, retrieval_loss
 
     heads = supervised_heads(model.config, roles)
     if spans is not None:
@@ -167,10 +167,10 @@ def train(
     digit_ids = torch.tensor(stream.digit_ids, device=dev)
     total = sum(s.steps for s in curriculum)
     probes = probes or {}
-    # the key probes (longctx.tiny_retrieval.KeyProbe) come with the retrieval supervision
+    # the key probes (longctx.tiny.retrieval.KeyProbe) come with the retrieval supervision
     key_probes = {}
     if any(s.retrieval_weight > 0 and s.retrieval_roles == "full" for s in curriculum):
-        from longctx.tiny_retrieval import KeyProbe
+        from longctx.tiny.retrieval import KeyProbe
 
         key_probes = {n: KeyProbe(m.config.hidden_size).to(dev) for n, m in models.items()}
     probes = {n: p.to(dev) for n, p in probes.items()}
