@@ -164,23 +164,28 @@ def insert_identity_layer(model, at: int):
     return model
 
 
-def _grow_linear(lin: torch.nn.Linear, out_features: int, in_features: int, gen: torch.Generator,
-                 random_rows: bool, random_cols: bool) -> None:
-    """Pad ``lin``'s weight ``[O, I]`` to ``[out_features, in_features]`` in place (old block kept).
+def _padded(w: torch.Tensor, rows: int, cols: int, gen: torch.Generator, random_rows: bool = False,
+            random_cols: bool = False) -> torch.nn.Parameter:
+    """``w`` ``[R, C]`` padded to ``[rows, cols]`` (old block kept) as a new parameter.
 
-    New rows / columns are zero, or drawn from a normal with the trained weight's standard
-    deviation where ``random_rows`` / ``random_cols``.
+    New rows / columns are zero, or drawn from a normal with ``w``'s standard deviation where
+    ``random_rows`` / ``random_cols``.
     """
-    w = lin.weight.data  # [O, I]
-    o, i = w.shape
+    r, c = w.shape
     std = float(w.float().std())
-    new = torch.zeros(out_features, in_features, dtype=w.dtype, device=w.device)
-    if random_rows and out_features > o:
-        new[o:] = std * torch.randn(out_features - o, in_features, generator=gen).to(new)
-    if random_cols and in_features > i:
-        new[:, i:] = std * torch.randn(out_features, in_features - i, generator=gen).to(new)
-    new[:o, :i] = w
-    lin.weight = torch.nn.Parameter(new)
+    new = torch.zeros(rows, cols, dtype=w.dtype, device=w.device)
+    if random_rows and rows > r:
+        new[r:] = std * torch.randn(rows - r, cols, generator=gen).to(new)
+    if random_cols and cols > c:
+        new[:, c:] = std * torch.randn(rows, cols - c, generator=gen).to(new)
+    new[:r, :c] = w
+    return torch.nn.Parameter(new)
+
+
+def _grow_linear(lin: torch.nn.Linear, out_features: int, in_features: int, gen: torch.Generator,
+                 **random: bool) -> None:
+    """Pad ``lin``'s weight ``[O, I]`` to ``[out_features, in_features]`` in place (:func:`_padded`)."""
+    lin.weight = _padded(lin.weight.data, out_features, in_features, gen, **random)
     lin.in_features, lin.out_features = in_features, out_features
 
 
@@ -193,7 +198,8 @@ def widen_model(model, hidden_size: Optional[int] = None, intermediate_size: Opt
     that reads it (q, k, v, MLP gate and up) gets random columns with its trained weight's spread,
     so the new dimensions receive gradients from the first step. RMSNorm averages over the width,
     so each norm's trained gains are scaled by ``sqrt(old / new)`` and ``rms_norm_eps`` by
-    ``old / new`` to keep its outputs exactly; new gains start at the mean old gain. New MLP units get random gate / up rows and zero down columns.
+    ``old / new`` to keep its outputs exactly; new gains start at the mean old gain. New MLP units
+    get random gate / up rows and zero down columns.
     Head count and head dim are unchanged, so :func:`supervised_heads` names the same heads.
 
     Parameters
@@ -226,36 +232,32 @@ def widen_model(model, hidden_size: Optional[int] = None, intermediate_size: Opt
         raise ValueError("widen_model requires tied input / output embeddings (config.tie_word_embeddings=True)")
     gen = torch.Generator().manual_seed(seed)
     gain = math.sqrt(d_old / d)
+    eps = cfg.rms_norm_eps * d_old / d  # mean(x^2) over d dims + eps: the old value times d_old / d
 
     def grow_norm(norm):
         w = norm.weight.data  # [D]
         new = torch.full((d,), float(w.float().mean()) * gain, dtype=w.dtype, device=w.device)
         new[:d_old] = w * gain
         norm.weight = torch.nn.Parameter(new)
+        norm.variance_epsilon = eps
 
     with torch.no_grad():
         emb = model.get_input_embeddings()
-        grown = torch.zeros(emb.weight.shape[0], d, dtype=emb.weight.dtype, device=emb.weight.device)
-        grown[:, :d_old] = emb.weight.data
-        emb.weight = torch.nn.Parameter(grown)  # [V, D]
+        emb.weight = _padded(emb.weight.data, emb.weight.shape[0], d, gen)  # [V, D], zero new columns
         emb.embedding_dim = d
         for layer in model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
             for lin in (att.q_proj, att.k_proj, att.v_proj):
-                _grow_linear(lin, lin.out_features, d, gen, random_rows=False, random_cols=True)
-            _grow_linear(att.o_proj, d, att.o_proj.in_features, gen, random_rows=False, random_cols=False)
+                _grow_linear(lin, lin.out_features, d, gen, random_cols=True)
+            _grow_linear(att.o_proj, d, att.o_proj.in_features, gen)
             for lin in (mlp.gate_proj, mlp.up_proj):
                 _grow_linear(lin, f, d, gen, random_rows=True, random_cols=True)
-            _grow_linear(mlp.down_proj, d, f, gen, random_rows=False, random_cols=False)
+            _grow_linear(mlp.down_proj, d, f, gen)
             mlp.hidden_size, mlp.intermediate_size = d, f
             grow_norm(layer.input_layernorm)
             grow_norm(layer.post_attention_layernorm)
         grow_norm(model.model.norm)
-    cfg.hidden_size, cfg.intermediate_size = d, f
-    cfg.rms_norm_eps = cfg.rms_norm_eps * d_old / d  # mean(x^2) over d dims + eps: the old value times d_old / d
-    for norm in (*(n for lay in model.model.layers for n in (lay.input_layernorm, lay.post_attention_layernorm)),
-                 model.model.norm):
-        norm.variance_epsilon = cfg.rms_norm_eps
+    cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps = d, f, eps
     model.tie_weights()
     return model
 
