@@ -325,6 +325,70 @@ def test_widen_flag_requires_init_from_and_two_sizes(tmp_path):
         train_tiny_main(["--out-dir", str(tmp_path), "--widen", "256", "--init-from", str(tmp_path)])
 
 
+def _small_llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e4}, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 1e6},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "attention_factor": 1.0},
+])
+def test_set_rope_matches_a_model_built_with_that_rope_and_saves(tmp_path, rope):
+    """After set_rope the model computes what a model configured with that RoPE from the start
+    computes (same weights), differs from before on long inputs, and saves / loads with it."""
+    from transformers import LlamaForCausalLM
+
+    from longctx.tiny import set_rope
+
+    torch.manual_seed(0)
+    model = _small_llama()
+    ids = torch.randint(0, 97, (1, 600))
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    with torch.no_grad():
+        before = model(ids).logits
+    new = set_rope(model, rope)
+    assert not torch.allclose(model.model.rotary_emb.inv_freq, inv_freq)
+    assert new["rope_theta"] == rope.get("rope_theta", 1e4) and new["rope_type"] == rope.get("rope_type", "default")
+    reference = _small_llama()
+    reference.config.rope_parameters = new
+    reference = LlamaForCausalLM(reference.config).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        after = model(ids).logits
+        torch.testing.assert_close(after, reference(ids).logits)
+    assert not torch.allclose(after, before)  # the rotation really changed
+    model.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.rope_parameters["rope_type"] == new["rope_type"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, after)
+
+
+def test_set_rope_rejects_bad_parameters_and_keeps_the_old_rope():
+    from longctx.tiny import set_rope
+
+    model = _small_llama()
+    with pytest.raises(ValueError, match="rope_parameters as a dict"):
+        set_rope(model, "1e9")
+    with pytest.raises(ValueError, match="set_rope requires rope parameters"):
+        set_rope(model, {"rope_type": "yarn"})  # yarn needs a factor
+    assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": 1e4}
+
+
+def test_rope_flag_requires_init_from_and_json(tmp_path):
+    from longctx.tiny import train_tiny_main
+
+    with pytest.raises(ValueError, match="--rope requires --init-from"):
+        train_tiny_main(["--out-dir", str(tmp_path), "--rope", '{"rope_theta": 1e9}', "--retrieval-only"])
+    with pytest.raises(ValueError, match="JSON object"):
+        train_tiny_main(["--out-dir", str(tmp_path), "--rope", "1e9", "--init-from", str(tmp_path)])
+
+
 def test_insert_layer_flag_requires_init_from(tmp_path):
     from longctx.tiny import train_tiny_main
 

@@ -51,7 +51,7 @@ from longctx.tiny.evaluation import (
 )
 from longctx.tiny.model import (
     DRAFT, MODEL_CONFIGS, TARGET, TinyConfig, average_checkpoints, build_model, grow_embeddings,
-    insert_identity_layer, save_model, widen_model,
+    insert_identity_layer, save_model, set_rope, widen_model,
 )
 from longctx.tiny.paths import ESSAY_PATH, MODELS_DIR, PACKAGE_DIR
 from longctx.tiny.text import (
@@ -89,7 +89,7 @@ __all__ = [
     "SPECIAL_TOKENS", "CHAT_TEMPLATE", "UUID_HEX_PATTERN", "digit_group_pattern", "splits_uuid_hex",
     "split_uuid_hex", "digit_group_size", "group_digits", "add_word_tokens", "build_tokenizer",
     "TinyConfig", "TARGET", "DRAFT", "MODEL_CONFIGS", "build_model", "grow_embeddings", "save_model",
-    "insert_identity_layer", "widen_model", "average_checkpoints",
+    "insert_identity_layer", "widen_model", "set_rope", "average_checkpoints",
     "TRAIN_MIX", "TRAIN_TASKS", "SampleStream", "make_batch",
     "RETRIEVAL_ROLES", "Stage", "CURRICULUM", "CONTINUATION_MIX", "CONTINUATION", "POLISH_MIX", "POLISH",
     "KEYMATCH_MIX", "KEYMATCH", "RETRIEVAL_MIX", "RETRIEVAL", "LONG_STAGE_FACTOR", "long_stage", "configure_stages",

@@ -23,7 +23,7 @@ from longctx.tiny.curriculum import (
 )
 from longctx.tiny.evaluation import evaluate
 from longctx.tiny.model import (
-    MODEL_CONFIGS, average_checkpoints, build_model, grow_embeddings, insert_identity_layer, save_model, widen_model,
+    MODEL_CONFIGS, average_checkpoints, build_model, grow_embeddings, insert_identity_layer, save_model, set_rope, widen_model,
 )
 from longctx.tiny.paths import MODELS_DIR
 from longctx.tiny.text import DONE_WHEN_TASKS, WORD_TOKEN_LISTS, load_essay_words
@@ -114,6 +114,11 @@ def _parse(argv):
     p.add_argument("--insert-layer", type=int, default=None, metavar="AT",
                    help="with --init-from: grow each model by one decoder layer at index AT that starts as the "
                         "identity (longctx.tiny.insert_identity_layer), then train")
+    p.add_argument("--rope", default=None, metavar="JSON",
+                   help="with --init-from: read and train the models with these RoPE parameters "
+                        "(longctx.tiny.set_rope: transformers' rope_parameters keys over a default RoPE at the checkpoint's base), e.g. "
+                        "'{\"rope_theta\": 1e9}' or '{\"rope_type\": \"yarn\", \"factor\": 10, "
+                        "\"original_max_position_embeddings\": 4096, \"attention_factor\": 1}'")
     p.add_argument("--widen", default=None, metavar="HIDDEN,INTERMEDIATE",
                    help="with --init-from: widen each model's residual stream and MLP to these sizes without "
                         "changing its outputs (longctx.tiny.widen_model), then train; e.g. 256,768")
@@ -188,6 +193,15 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("--widen requires --init-from and HIDDEN,INTERMEDIATE (two integers, e.g. 256,768; "
                              f"got --widen {args.widen!r}, --init-from {args.init_from!r})")
         widen = tuple(int(x) for x in parts)
+    rope = None
+    if args.rope is not None:
+        try:
+            rope = json.loads(args.rope)
+        except json.JSONDecodeError:
+            rope = None
+        if not args.init_from or not isinstance(rope, dict):
+            raise ValueError("--rope requires --init-from and a JSON object of RoPE parameters, e.g. "
+                             f"'{{\"rope_theta\": 1e9}}' (got --rope {args.rope!r}, --init-from {args.init_from!r})")
     if args.digit_init == "first" and (args.digit_groups == 1 or not args.init_from):
         raise ValueError("--digit-init first requires --digit-groups 2..4 and --init-from (a trained model whose "
                          f"embeddings grow; got --digit-groups {args.digit_groups}, --init-from {args.init_from!r})")
@@ -236,6 +250,9 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                     insert_identity_layer(m, args.insert_layer)
                     logger.info("tiny-%s grown to %d layers (identity layer at %d, --insert-layer)", n,
                                 m.config.num_hidden_layers, args.insert_layer)
+            if rope is not None:
+                for n, m in models.items():
+                    logger.info("tiny-%s RoPE %s (--rope)", n, set_rope(m, rope))
             if widen is not None:
                 for n, m in models.items():
                     widen_model(m, *widen, seed=args.seed)

@@ -262,6 +262,52 @@ def widen_model(model, hidden_size: Optional[int] = None, intermediate_size: Opt
     return model
 
 
+def set_rope(model, rope_parameters: dict) -> dict:
+    """Give ``model`` another RoPE (``config.rope_parameters``) and rebuild its rotary embedding.
+
+    The weights stay as they are: a trained model read with a slower rotation (a larger
+    ``rope_theta``, or YaRN's by-parts interpolation of the low frequencies) is the inference-time
+    length extension of the long-context literature, and training on from there adapts it.
+    The new parameters are ``rope_parameters`` over ``{"rope_type": "default", "rope_theta": <the
+    model's>}``: the base is kept unless given, and a scaling the model had is dropped unless given
+    again (so ``{"rope_theta": 1e9}`` makes it a plain RoPE at base 1e9).
+
+    Parameters
+    ----------
+    model : transformers.LlamaForCausalLM
+    rope_parameters : dict
+        transformers' ``rope_parameters`` keys, e.g. ``{"rope_theta": 1e9}`` or
+        ``{"rope_type": "yarn", "factor": 10.0, "original_max_position_embeddings": 4096,
+        "attention_factor": 1.0}``.
+
+    Returns
+    -------
+    dict
+        The model's new ``rope_parameters``.
+
+    Raises
+    ------
+    ValueError
+        ``rope_parameters`` not a dict, or parameters transformers rejects for that rope type.
+    """
+    if not isinstance(rope_parameters, dict):
+        raise ValueError(f"set_rope requires rope_parameters as a dict, e.g. {{'rope_theta': 1e9}} "
+                         f"(got {rope_parameters!r})")
+    cfg = model.config
+    old = dict(cfg.rope_parameters)
+    new = {"rope_type": "default", "rope_theta": old["rope_theta"], **rope_parameters}
+    cfg.rope_parameters = new
+    try:
+        cfg.validate_rope()
+        rotary = model.model.rotary_emb
+        model.model.rotary_emb = type(rotary)(config=cfg).to(rotary.inv_freq.device)
+    except (KeyError, TypeError, ValueError) as e:
+        cfg.rope_parameters = old
+        raise ValueError(f"set_rope requires rope parameters transformers accepts for a Llama model "
+                         f"(got {rope_parameters!r}: {e})") from None
+    return new
+
+
 def average_checkpoints(sources: Sequence[Path], out: Path, name: str = "target") -> None:
     """Average the weights of ``<source>/tiny-<name>`` over ``sources`` (uniform) into ``out/tiny-<name>``.
 
