@@ -23,7 +23,8 @@ from longctx.tiny.curriculum import (
 )
 from longctx.tiny.evaluation import evaluate
 from longctx.tiny.model import (
-    MODEL_CONFIGS, average_checkpoints, build_model, grow_embeddings, insert_identity_layer, save_model, set_rope, widen_model,
+    MODEL_CONFIGS, average_checkpoints, build_model, grow_embeddings, insert_identity_layer, save_model, set_rope,
+    widen_model,
 )
 from longctx.tiny.paths import MODELS_DIR
 from longctx.tiny.text import DONE_WHEN_TASKS, WORD_TOKEN_LISTS, load_essay_words
@@ -116,7 +117,8 @@ def _parse(argv):
                         "identity (longctx.tiny.insert_identity_layer), then train")
     p.add_argument("--rope", default=None, metavar="JSON",
                    help="with --init-from: read and train the models with these RoPE parameters "
-                        "(longctx.tiny.set_rope: transformers' rope_parameters keys over a default RoPE at the checkpoint's base), e.g. "
+                        "(longctx.tiny.set_rope: transformers' rope_parameters keys over a default RoPE at the "
+                        "checkpoint's base), e.g. "
                         "'{\"rope_theta\": 1e9}' or '{\"rope_type\": \"yarn\", \"factor\": 10, "
                         "\"original_max_position_embeddings\": 4096, \"attention_factor\": 1}'")
     p.add_argument("--widen", default=None, metavar="HIDDEN,INTERMEDIATE",
