@@ -325,12 +325,12 @@ def test_widen_flag_requires_init_from_and_two_sizes(tmp_path):
         train_tiny_main(["--out-dir", str(tmp_path), "--widen", "256", "--init-from", str(tmp_path)])
 
 
-def _small_llama(**kw):
+def _small_llama(rope_parameters=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "default", "rope_theta": 1e4}, **kw)
+                      rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 1e4})
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -354,9 +354,7 @@ def test_set_rope_matches_a_model_built_with_that_rope_and_saves(tmp_path, rope)
     new = set_rope(model, rope)
     assert not torch.allclose(model.model.rotary_emb.inv_freq, inv_freq)
     assert new["rope_theta"] == rope.get("rope_theta", 1e4) and new["rope_type"] == rope.get("rope_type", "default")
-    reference = _small_llama()
-    reference.config.rope_parameters = new
-    reference = LlamaForCausalLM(reference.config).eval()
+    reference = _small_llama(rope_parameters=new)
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         after = model(ids).logits
