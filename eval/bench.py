@@ -219,7 +219,13 @@ def parse_opts(items: Optional[list[str]]) -> dict[str, str]:
         if "=" not in item:
             raise ValueError(f"--opt requires key=value (got {item!r})")
         key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if key in out and out[key] != value:
+            raise ValueError(
+                f"--opt {key} given twice ({out[key]!r} and {value!r}); give each option once "
+                f"(to compare two settings of one backend, run once per setting)"
+            )
+        out[key] = value
     return out
 
 

@@ -353,6 +353,10 @@ class HiPConfig(BackendConfig):
         Sliding window of recent tokens, always attended (default 256).
     dense_layers : int
         The first ``dense_layers`` decoder layers stay dense (default 3, the paper's for 7-8B).
+    dense_prefill : bool
+        Attend the prompt densely and prune only at decode (default ``False``: the prompt is
+        pruned too). The paper's RULER / passkey results that keep the effective context are
+        for this dense-prefill setting; sparse prefill at long contexts degrades.
     refresh_interval : int
         Decode steps between mask re-estimations; the mask is reused in between (default 8).
     gqa_shared_mask : bool
@@ -371,6 +375,7 @@ class HiPConfig(BackendConfig):
     sink: int = 16
     window: int = 256
     dense_layers: int = 3
+    dense_prefill: bool = False
     refresh_interval: int = 8
     gqa_shared_mask: bool = True
     offload: bool = False
@@ -399,7 +404,7 @@ class HiPConfig(BackendConfig):
             "an int >= 1",
             self.refresh_interval,
         )
-        for name in ("gqa_shared_mask", "offload"):
+        for name in ("dense_prefill", "gqa_shared_mask", "offload"):
             _require(isinstance(getattr(self, name), bool), "HiPConfig", name, "a bool", getattr(self, name))
 
     @property

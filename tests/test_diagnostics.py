@@ -9,7 +9,7 @@ import torch
 from longctx.backends import register_backend
 from longctx.backends.dense import DenseLayer, grouped_attention
 from longctx.config import BackendConfig
-from longctx.diagnostics import compare_backend, format_report, recall_metrics
+from longctx.diagnostics import compare_backend, compare_backends, format_report, recall_metrics
 from tests.conftest import tiny_model
 
 
@@ -79,3 +79,10 @@ def test_bad_input():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"input_ids requires shape \[1, T\]"):
         compare_backend(model, torch.zeros(2, 5, dtype=torch.long), "dense")
+
+
+def test_compare_backends_rejects_a_backend_named_twice(gen):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 20), generator=gen)
+    with pytest.raises(ValueError, match=r"each backend once \(got \['_test_window'\]"):
+        compare_backends(model, ids, ["_test_window", "dense", "_test_window"], decode_steps=1)

@@ -9,7 +9,9 @@ prefill, O(k log T) key reads per refresh at decode), plus ``sink`` first tokens
 At decode the mask of the newest query block is kept and reused for ``refresh_interval``
 steps: in between, the keys appended since the refresh are covered by the local region,
 which keeps its start, so no key becomes unreachable. The first ``dense_layers`` layers (and
-layers with a model sliding window) attend densely.
+layers with a model sliding window) attend densely. With ``dense_prefill=True`` the prompt is
+attended densely and the first decode step estimates the first mask (the paper's dense-prefill
+setting).
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ class HiPLayer(BackendLayer):
             raise RuntimeError("HiP prefill() called twice on one layer; use decode() to append tokens")
         self.prompt_len = k.shape[2]
         self._stats["prefill_tokens"] += q.shape[0] * q.shape[2]
-        if self.dense:
+        if self.dense or self.config.dense_prefill:
             out = grouped_attention(q, k, v, self.ctx.scale, k.shape[2] - q.shape[2], self.ctx.sliding_window)
             self.attended = None
         else:

@@ -71,6 +71,7 @@ def test_registered_and_exported():
         (dict(block_stride_k=0), r"block_stride_k requires an int in \[1, 2\]"),
         (dict(window=-1), "window requires a non-negative int"),
         (dict(offload=1), "offload requires a bool"),
+        (dict(dense_prefill=2), "dense_prefill requires a bool"),
         (dict(k=True), "HiPConfig.k requires"),
     ],
 )
@@ -155,6 +156,25 @@ def test_dense_layers_and_sliding_window_stay_dense(gen):
     assert (sparse.prefill(q, k, v, None) - ref).abs().max() > 1e-3  # k=8 of 120 keys really prunes
     assert sparse.stats()["mask_refreshes"] == 1
 
+
+
+def test_dense_prefill_attends_the_prompt_densely_and_prunes_decode(gen):
+    q, k, v = _qkv(gen, 1, 4, 2, 121, 16)
+    ref, _ = causal_attention_ref(q[:, :, :120], k[:, :, :120], v[:, :, :120], scale=16**-0.5)
+    cfg = dict(SMALL, k=8, dense_prefill=True)
+    layer = make_layer("hip", _ctx(), **cfg)
+    torch.testing.assert_close(layer.prefill(q[:, :, :120], k[:, :, :120], v[:, :, :120], None), ref,
+                               atol=ATOL, rtol=RTOL)
+    assert layer.stats()["mask_refreshes"] == 0 and not layer.stats()["fallback_dense"]
+    out = layer.decode(q[:, :, 120:], k[:, :, 120:], v[:, :, 120:], None)
+    assert layer.stats()["mask_refreshes"] == 1  # the first decode step estimates the first mask
+    hcfg = HiPConfig(**cfg)
+    qs = q[:, :, 120:] * 16**-0.5
+    mask = hip_mask(qs, k, 120, hcfg)
+    want, _ = hip_attention(qs, k, v, mask.blocks, mask.local_start, 120, hcfg, return_lse=False)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+    dense_step, _ = causal_attention_ref(q, k, v, scale=16**-0.5)
+    assert (out - dense_step[:, :, 120:]).abs().max() > 1e-3  # k=8 of 121 keys really prunes at decode
 
 # ----------------------------------------------------------------------------- the tree search
 def _loop_mask(q, k, q_offset, cfg):
