@@ -367,6 +367,15 @@ def test_set_rope_matches_a_model_built_with_that_rope_and_saves(tmp_path, rope)
         torch.testing.assert_close(again(ids).logits, after)
 
 
+def test_set_rope_takes_json_integers_for_float_fields():
+    from longctx.tiny import set_rope
+
+    new = set_rope(_small_llama(), {"rope_type": "yarn", "rope_theta": 100000, "factor": 8,
+                                    "original_max_position_embeddings": 256, "attention_factor": 1})
+    assert [type(new[k]) for k in ("rope_theta", "factor", "attention_factor")] == [float, float, float]
+    assert type(new["original_max_position_embeddings"]) is int
+
+
 def test_set_rope_rejects_bad_parameters_and_keeps_the_old_rope():
     from longctx.tiny import set_rope
 

@@ -262,6 +262,10 @@ def widen_model(model, hidden_size: Optional[int] = None, intermediate_size: Opt
     return model
 
 
+# rope_parameters fields that are ints in transformers (the others are floats)
+_INT_ROPE_FIELDS = ("original_max_position_embeddings",)
+
+
 def set_rope(model, rope_parameters: dict) -> dict:
     """Give ``model`` another RoPE (``config.rope_parameters``) and rebuild its rotary embedding.
 
@@ -295,7 +299,9 @@ def set_rope(model, rope_parameters: dict) -> dict:
                          f"(got {rope_parameters!r})")
     cfg = model.config
     old = dict(cfg.rope_parameters)
-    new = {"rope_type": "default", "rope_theta": old["rope_theta"], **rope_parameters}
+    # JSON writes 10.0 as 10: transformers wants floats for every numeric rope field but these
+    given = {k: float(v) if type(v) is int and k not in _INT_ROPE_FIELDS else v for k, v in rope_parameters.items()}
+    new = {"rope_type": "default", "rope_theta": old["rope_theta"], **given}
     cfg.rope_parameters = new
     try:
         cfg.validate_rope()
