@@ -243,7 +243,9 @@ def compare_backends(model, input_ids, backends: list[str], options: Optional[di
     """:func:`compare_backend` for several backends (options apply to each, ``name.key`` to one)."""
     repeated = sorted({name for name in backends if list(backends).count(name) > 1})
     if repeated:
-        raise ValueError(f"compare_backends requires each backend once (got {repeated} more than once in {list(backends)})")
+        raise ValueError(
+            f"compare_backends requires each backend once (got {repeated} more than once in {list(backends)})"
+        )
     reports = []
     for name in backends:
         opts = {}

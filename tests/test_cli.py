@@ -42,7 +42,8 @@ def test_bench_all_backends_run(tmp_path, capsys):
         (["bench", "--shape", "tiny", "--context", "64", "--opt", "dense.offload=maybe"], "requires a bool"),
         (["bench", "--shape", "tiny", "--context", "64", "--opt", "dense.nope=1"], "unknown option"),
         (["bench", "--shape", "tiny", "--context", "64", "--opt", "novalue"], "--opt requires key=value"),
-        (["bench", "--shape", "tiny", "--context", "64", "--opt", "hip.k=64", "--opt", "hip.k=32"], "--opt hip.k given twice"),
+        (["bench", "--shape", "tiny", "--context", "64", "--opt", "hip.k=64", "--opt", "hip.k=32"],
+         "--opt hip.k given twice"),
     ],
 )
 def test_bench_bad_input(argv, message, capsys):
