@@ -22,29 +22,18 @@ import logging
 import sys
 from typing import Optional
 
+from longctx.config import parse_backend_entry
+
 from .runner import BackendRun, EvalSpec, run_eval
 
 logger = logging.getLogger(__name__)
-
-
-def _kv_list(text: str, what: str) -> dict[str, str]:
-    out = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        if "=" not in item:
-            raise ValueError(f"{what} requires key=value items (got {item!r})")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def parse_backends(backends: Optional[list[str]], opts: Optional[list[str]]) -> list[BackendRun]:
     """``--backend`` entries (``NAME`` or ``NAME:k=v,...``) combined with ``--opt`` items."""
     entries = []
     for item in backends or ["dense"]:
-        name, _, inline = item.partition(":")
-        if not name.strip():
-            raise ValueError(f"--backend requires a backend name (got {item!r})")
-        entries.append((name.strip(), _kv_list(inline, f"--backend {name}:")))
+        entries.append(parse_backend_entry(item))
     common: dict[str, str] = {}
     targeted: dict[str, dict[str, str]] = {}
     names = [n for n, _ in entries]

@@ -142,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("diagnose", help="fidelity of backends vs dense on a model and prompt")
     d.add_argument("--model", required=True)
-    d.add_argument("--backend", action="append", required=True, help="backend to compare with dense (repeatable)")
-    d.add_argument("--opt", action="append")
+    d.add_argument("--backend", action="append", required=True, metavar="NAME[:k=v,...]",
+                   help="backend to compare with dense (repeatable; the same one with other options too)")
+    d.add_argument("--opt", action="append", metavar="[NAME.]KEY=VALUE",
+                   help="option for every backend but dense, or for one (repeatable)")
     d.add_argument("--prompt-file", required=True)
     d.add_argument("--decode-steps", type=int, default=8)
     d.add_argument("--top-k", type=int, default=64, help="k for key recall")

@@ -46,6 +46,25 @@ def _coerce(value: Any, annotation: Any, cls: str, name: str) -> Any:
     return value
 
 
+def parse_backend_entry(entry: str, what: str = "--backend") -> tuple[str, dict[str, str]]:
+    """``"NAME"`` or ``"NAME:key=value,..."`` -> ``(NAME, {key: value})`` (values stay strings).
+
+    The command-line form of one backend with inline options, as ``longctx eval`` and
+    ``longctx diagnose`` take it; configs coerce the strings (:meth:`BackendConfig.from_options`).
+    ``what`` names the argument in error messages.
+    """
+    name, _, inline = entry.partition(":")
+    if not name.strip():
+        raise ValueError(f"{what} requires a backend name (got {entry!r})")
+    options = {}
+    for item in filter(None, (x.strip() for x in inline.split(","))):
+        if "=" not in item:
+            raise ValueError(f"{what} {name.strip()}: requires key=value items (got {item!r})")
+        key, value = item.split("=", 1)
+        options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
 @dataclasses.dataclass
 class BackendConfig:
     """Base of every method config. Subclasses validate their fields in ``__post_init__``."""

@@ -24,7 +24,7 @@ from longctx.backends import BackendConfig, BackendLayer, LayerContext, resolve_
 from longctx.backends.dense import DenseLayer
 from longctx.cache import LongCtxCache
 from longctx.compat import CACHE_KWARG
-from longctx.config import DenseConfig
+from longctx.config import DenseConfig, parse_backend_entry
 from longctx.patch import patch
 
 logger = logging.getLogger(__name__)
@@ -239,15 +239,29 @@ def compare_backend(
     }
 
 
-def compare_backends(model, input_ids, backends: list[str], options: Optional[dict[str, Any]] = None, **kwargs) -> list[dict]:
-    """:func:`compare_backend` for several backends (options apply to each, ``name.key`` to one)."""
-    repeated = sorted({name for name in backends if list(backends).count(name) > 1})
+def compare_backends(model, input_ids, backends: list[str], options: Optional[dict[str, Any]] = None,
+                     **kwargs) -> list[dict]:
+    """:func:`compare_backend` for several backends.
+
+    Parameters
+    ----------
+    backends : entries ``"NAME"`` or ``"NAME:key=value,..."`` (one backend with its own
+        options; the same backend may appear with different options).
+    options : for every entry except dense (``key``) or for one backend (``NAME.key``);
+        an entry's own options win.
+    **kwargs : :func:`compare_backend`'s ``decode_steps`` and ``top_k``.
+
+    Returns
+    -------
+    One report per entry, its ``backend`` field the entry as given.
+    """
+    entries = [entry.strip() for entry in backends]
+    repeated = sorted({entry for entry in entries if entries.count(entry) > 1})
     if repeated:
-        raise ValueError(
-            f"compare_backends requires each backend once (got {repeated} more than once in {list(backends)})"
-        )
+        raise ValueError(f"compare_backends requires each entry once (got {repeated} more than once in {entries})")
     reports = []
-    for name in backends:
+    for entry in entries:
+        name, inline = parse_backend_entry(entry, what="backend entry")
         opts = {}
         for key, value in (options or {}).items():
             if "." in key:
@@ -256,7 +270,9 @@ def compare_backends(model, input_ids, backends: list[str], options: Optional[di
                     opts[field] = value
             elif name != "dense":
                 opts[key] = value
-        reports.append(compare_backend(model, input_ids, name, opts, **kwargs))
+        report = compare_backend(model, input_ids, name, {**opts, **inline}, **kwargs)
+        report["backend"] = entry
+        reports.append(report)
     return reports
 
 

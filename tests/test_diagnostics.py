@@ -81,8 +81,14 @@ def test_bad_input():
         compare_backend(model, torch.zeros(2, 5, dtype=torch.long), "dense")
 
 
-def test_compare_backends_rejects_a_backend_named_twice(gen):
+def test_compare_backends_takes_one_backend_with_two_settings(gen):
     model = tiny_model("llama")
-    ids = torch.randint(3, 128, (1, 20), generator=gen)
-    with pytest.raises(ValueError, match=r"each backend once \(got \['_test_window'\]"):
+    ids = torch.randint(3, 128, (1, 40), generator=gen)
+    reps = compare_backends(model, ids, ["_test_window:window=4", "_test_window:window=64"], decode_steps=2)
+    assert [r["backend"] for r in reps] == ["_test_window:window=4", "_test_window:window=64"]
+    assert reps[0]["summary"]["mean_rel_err"] > 1e-3  # 4 of 40 keys: lossy
+    assert reps[1]["summary"]["mean_rel_err"] < 1e-5  # the window covers the prompt: exact
+    with pytest.raises(ValueError, match=r"each entry once \(got \['_test_window'\]"):
         compare_backends(model, ids, ["_test_window", "dense", "_test_window"], decode_steps=1)
+    with pytest.raises(ValueError, match="backend entry _test_window: requires key=value items"):
+        compare_backends(model, ids, ["_test_window:window"], decode_steps=1)
