@@ -236,6 +236,26 @@ def test_hard_keys_make_near_miss_distractors_and_default_to_the_old_stream():
         tiny.train_tiny_main(["--hard-keys", "2", "--out-dir", "/nonexistent"])
 
 
+def test_pose_prob_reaches_every_stage_but_the_copy_warm_up_and_skips_positions():
+    from longctx.tiny.data import SampleStream, make_batch
+
+    stages = tiny.configure_stages(tiny.CURRICULUM, pose_prob=1.0)
+    assert [st.pose_prob for st in stages] == [0.0] + [1.0] * (len(stages) - 1)  # stage 0 is copy only
+    assert [st.pose_prob for st in tiny.configure_stages(tiny.RETRIEVAL)] == [0.2, 0.0]  # unchanged when not given
+    with pytest.raises(ValueError, match="pose_prob"):
+        tiny.Stage(steps=1, min_len=8, max_len=8, batch_size=1, pose_prob=-0.1)
+    for argv, message in ((["--pose-prob", "1.5"], "--pose-prob requires"),
+                          (["--pose-max-position", "1"], "--pose-max-position requires")):
+        with pytest.raises(ValueError, match=message):
+            tiny.train_tiny_main([*argv, "--out-dir", "/nonexistent"])
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
+    stream = SampleStream(tok, seed=3, essay_words=tiny.load_essay_words()[:2000], mix=(("niah_single_1", 1.0),))
+    _, _, pos = make_batch(stream, 4, 200, 300, 1.0, 16384, tok.pad_token_id)
+    steps = pos[:, 1:] - pos[:, :-1]
+    assert ((steps != 1).sum(dim=1) == 1).all()  # one skip per sequence
+    assert int(pos.max()) < 16384 and int(steps.max()) > 1
+
+
 def test_insert_identity_layer_keeps_the_outputs_and_trains(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

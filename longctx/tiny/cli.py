@@ -112,6 +112,11 @@ def _parse(argv):
     p.add_argument("--hard-keys", type=float, default=None, metavar="P",
                    help="in every stage, the chance that a distractor needle's word key is a near miss of the "
                         "asked key (same adjective, or same first letters); e.g. 0.5")
+    p.add_argument("--pose-prob", type=float, default=None, metavar="P",
+                   help="in every stage but the copy warm-up, the share of sequences whose position ids skip "
+                        "ahead once (PoSE), so that distances up to --pose-max-position are seen at short lengths")
+    p.add_argument("--pose-max-position", type=int, default=32768, metavar="N",
+                   help="the largest position id a PoSE skip reaches (default 32768)")
     p.add_argument("--insert-layer", type=int, default=None, metavar="AT",
                    help="with --init-from: grow each model by one decoder layer at index AT that starts as the "
                         "identity (longctx.tiny.insert_identity_layer), then train")
@@ -209,6 +214,10 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
                          f"embeddings grow; got --digit-groups {args.digit_groups}, --init-from {args.init_from!r})")
     if args.hard_keys is not None and not 0.0 <= args.hard_keys <= 1.0:
         raise ValueError(f"--hard-keys requires a probability in [0, 1] (got {args.hard_keys})")
+    if args.pose_prob is not None and not 0.0 <= args.pose_prob <= 1.0:
+        raise ValueError(f"--pose-prob requires a probability in [0, 1] (got {args.pose_prob})")
+    if args.pose_max_position < 2:
+        raise ValueError(f"--pose-max-position requires an int >= 2 (got {args.pose_max_position})")
     mix = None
     if args.mix is not None:
         if not n_only:
@@ -289,7 +298,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         models = {n: m.to(device) for n, m in models.items()}
         def scaled(stages, first_weight=None, stage_steps=None, mix=None):
             return configure_stages(stages, args.steps_scale, args.retrieval_weight, args.retrieval_roles, first_weight,
-                                    stage_steps, mix, args.hard_keys, args.gather_spread or None)
+                                    stage_steps, mix, args.hard_keys, args.gather_spread or None, args.pose_prob)
 
         curriculum = scaled(CURRICULUM)[args.from_stage:]
         probes = {n: PrevTokenProbes(m.config.hidden_size) for n, m in models.items()}
@@ -307,7 +316,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         if not n_only:
             train(models, tok, curriculum, seed=args.seed + args.from_stage, lr=args.lr, autocast=args.autocast,
                   essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, probes=probes, warmup=30,
-                  stop_after_stage=args.stop_after_stage)
+                  stop_after_stage=args.stop_after_stage, max_position=args.pose_max_position)
         # follow-up curricula: each a fresh optimizer at half the learning rate and its own seeded stream
         follow_ups = [
             ("continuation", CONTINUATION, 100, args.continuation or args.continuation_only),
@@ -322,7 +331,8 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
             stages = scaled(stages, args.first_weight, stage_steps, mix)
             logger.info("%s %s lr %g", name, [dataclasses.asdict(s) for s in stages], args.lr / 2)
             train(models, tok, stages, seed=args.seed + seed_offset, lr=args.lr / 2, autocast=args.autocast,
-                  essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, warmup=20)
+                  essay_words=essay, on_stage_end=checkpoint, save_every=args.save_every, warmup=20,
+                  max_position=args.pose_max_position)
         logger.info("training took %.1f min", (time.time() - t0) / 60)
         target, draft = models.get("target"), models.get("draft")
         if target is None:

@@ -46,6 +46,8 @@ class Stage:
     gather_spread: bool = False
 
     def __post_init__(self):
+        if not 0.0 <= self.pose_prob <= 1.0:
+            raise ValueError(f"Stage requires pose_prob in [0, 1] (got {self.pose_prob!r})")
         if not 0.0 <= self.hard_keys <= 1.0:
             raise ValueError(f"Stage requires hard_keys in [0, 1] (got {self.hard_keys!r})")
         if self.retrieval_roles not in RETRIEVAL_ROLES:
@@ -139,13 +141,15 @@ def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieva
                      retrieval_roles: str = "full", first_weight: Optional[float] = None,
                      stage_steps: Optional[Sequence[int]] = None,
                      mix: Optional[Sequence[tuple[str, float]]] = None,
-                     hard_keys: Optional[float] = None, gather_spread: Optional[bool] = None) -> list[Stage]:
+                     hard_keys: Optional[float] = None, gather_spread: Optional[bool] = None,
+                     pose_prob: Optional[float] = None) -> list[Stage]:
     """The stages as ``train-tiny`` runs them: step counts times ``steps_scale`` (at least 1), or
     ``stage_steps`` (one count per stage) when given; ``retrieval_weight`` (when non-zero) on every
     stage but the copy warm-up; ``retrieval_roles`` on all; ``first_weight`` (when given)
     replacing each stage's; ``mix`` (when given, (task, weight) pairs from :func:`parse_mix`)
     replacing the task mixture of every stage but the copy warm-up; ``hard_keys`` and
-    ``gather_spread`` (when given) replacing each stage's.
+    ``gather_spread`` (when given) replacing each stage's; ``pose_prob`` (when given) replacing
+    that of every stage but the copy warm-up.
 
     One more count than there are stages appends a long stage (:func:`long_stage`: the last
     stage at ``LONG_STAGE_FACTOR`` times its lengths) with that many steps."""
@@ -170,6 +174,8 @@ def configure_stages(stages: Sequence[Stage], steps_scale: float = 1.0, retrieva
         out = [dataclasses.replace(s, hard_keys=hard_keys) for s in out]
     if gather_spread is not None:
         out = [dataclasses.replace(s, gather_spread=gather_spread) for s in out]
+    if pose_prob is not None:
+        out = [s if s.copy_only else dataclasses.replace(s, pose_prob=pose_prob) for s in out]
     return out
 
 
