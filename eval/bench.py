@@ -217,7 +217,7 @@ def parse_opts(items: Optional[list[str]]) -> dict[str, str]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--opt requires key=value (got {item!r})")
+            raise ValueError(f"--opt requires key=value or NAME.key=value (got {item!r})")
         key, value = item.split("=", 1)
         key, value = key.strip(), value.strip()
         if key in out and out[key] != value:

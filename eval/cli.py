@@ -24,6 +24,7 @@ from typing import Optional
 
 from longctx.config import parse_backend_entry
 
+from .bench import parse_opts
 from .runner import BackendRun, EvalSpec, run_eval
 
 logger = logging.getLogger(__name__)
@@ -37,15 +38,12 @@ def parse_backends(backends: Optional[list[str]], opts: Optional[list[str]]) -> 
     common: dict[str, str] = {}
     targeted: dict[str, dict[str, str]] = {}
     names = [n for n, _ in entries]
-    for item in opts or []:
-        if "=" not in item:
-            raise ValueError(f"--opt requires key=value or backend.key=value (got {item!r})")
-        key, value = (x.strip() for x in item.split("=", 1))
+    for key, value in parse_opts(opts).items():
         if "." in key:
-            bname, key = key.split(".", 1)
+            bname, field = key.split(".", 1)
             if bname not in names:
-                raise ValueError(f"--opt {item!r} targets backend {bname!r}, which is not among --backend {names}")
-            targeted.setdefault(bname, {})[key] = value
+                raise ValueError(f"--opt {key}={value} targets backend {bname!r}, which is not among --backend {names}")
+            targeted.setdefault(bname, {})[field] = value
         else:
             common[key] = value
     return [BackendRun(n, {**common, **targeted.get(n, {}), **inline}) for n, inline in entries]

@@ -219,6 +219,8 @@ def test_parse_backends_precedence():
     ]
     with pytest.raises(ValueError, match="not among"):
         cli.parse_backends(["dense"], ["x.k=1"])
+    with pytest.raises(ValueError, match="--opt other.k given twice"):
+        cli.parse_backends(["other"], ["other.k=1", "other.k=2"])
     with pytest.raises(ValueError, match="distinct"):
         runner.EvalSpec("ruler", "m", "o", backends=[runner.BackendRun("dense"), runner.BackendRun("dense")])
 
