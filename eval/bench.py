@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from longctx.backends import LayerContext, list_backends, make_layer
+from longctx.config import parse_opts
 
 logger = logging.getLogger(__name__)
 
@@ -210,23 +211,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['host_bytes'] / 2**20:.1f} | {r['device_frac']:.3f} | {brief} |"
         )
     return "\n".join(lines)
-
-
-def parse_opts(items: Optional[list[str]]) -> dict[str, str]:
-    """``["k=v", ...]`` → ``{"k": "v"}`` (values stay strings; configs coerce them)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--opt requires key=value or NAME.key=value (got {item!r})")
-        key, value = item.split("=", 1)
-        key, value = key.strip(), value.strip()
-        if key in out and out[key] != value:
-            raise ValueError(
-                f"--opt {key} given twice ({out[key]!r} and {value!r}); give each option once "
-                f"(to compare two settings of one backend, run once per setting)"
-            )
-        out[key] = value
-    return out
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:

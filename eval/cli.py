@@ -22,9 +22,8 @@ import logging
 import sys
 from typing import Optional
 
-from longctx.config import parse_backend_entry
+from longctx.config import parse_backend_entry, parse_opts
 
-from .bench import parse_opts
 from .runner import BackendRun, EvalSpec, run_eval
 
 logger = logging.getLogger(__name__)

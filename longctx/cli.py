@@ -9,13 +9,9 @@ import sys
 import time
 from typing import Optional
 
+from longctx.config import parse_opts
+
 logger = logging.getLogger("longctx")
-
-
-def _parse_kv(items: Optional[list[str]]) -> dict[str, str]:
-    from longctx.eval.bench import parse_opts
-
-    return parse_opts(items)
 
 
 def _load_model(path: str, dtype: str, device: str):
@@ -44,7 +40,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = _load_model(args.model, args.dtype, device)
     ids = tok(text, return_tensors="pt").input_ids.to(device)
-    with longctx.patch(model, args.backend, **_parse_kv(args.opt)) as handle:
+    with longctx.patch(model, args.backend, **parse_opts(args.opt)) as handle:
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None,
@@ -84,7 +80,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     model, tok = _load_model(args.model, args.dtype, device)
     text = open(args.prompt_file).read()
     ids = tok(text, return_tensors="pt").input_ids.to(device)
-    report = compare_backends(model, ids, args.backend, options=_parse_kv(args.opt), decode_steps=args.decode_steps,
+    report = compare_backends(model, ids, args.backend, options=parse_opts(args.opt), decode_steps=args.decode_steps,
                               top_k=args.top_k)
     print(format_report(report))
     if args.json:

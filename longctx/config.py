@@ -65,6 +65,24 @@ def parse_backend_entry(entry: str, what: str = "--backend") -> tuple[str, dict[
     return name.strip(), options
 
 
+def parse_opts(items: Optional[list[str]]) -> dict[str, str]:
+    """``--opt`` items ``["k=v", "NAME.k=v", ...]`` -> ``{"k": "v", "NAME.k": "v"}`` (values stay strings;
+    configs coerce them). A key given twice with different values is an error."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--opt requires key=value or NAME.key=value (got {item!r})")
+        key, value = item.split("=", 1)
+        key, value = key.strip(), value.strip()
+        if key in out and out[key] != value:
+            raise ValueError(
+                f"--opt {key} given twice ({out[key]!r} and {value!r}); give each option once "
+                f"(to compare two settings of one backend, run once per setting)"
+            )
+        out[key] = value
+    return out
+
+
 @dataclasses.dataclass
 class BackendConfig:
     """Base of every method config. Subclasses validate their fields in ``__post_init__``."""

@@ -157,7 +157,6 @@ def test_dense_layers_and_sliding_window_stay_dense(gen):
     assert sparse.stats()["mask_refreshes"] == 1
 
 
-
 def test_dense_prefill_attends_the_prompt_densely_and_prunes_decode(gen):
     q, k, v = _qkv(gen, 1, 4, 2, 121, 16)
     ref, _ = causal_attention_ref(q[:, :, :120], k[:, :, :120], v[:, :, :120], scale=16**-0.5)
