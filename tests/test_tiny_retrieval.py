@@ -232,6 +232,52 @@ def test_basic_roles_fold_match_into_copy_and_skip_the_probe():
     assert not torch.allclose(full, basic)
 
 
+def test_gather_tail_targets_the_second_token_after_the_first_dash():
+    prompt = "xx One of the special magic numbers for ab-cd is: 123. Numbers for ab-cd:"
+    text = prompt + " 123."
+    offsets = [(i, i + 1) for i in range(len(text))]  # one character per token
+    got = answer_targets(text, offsets, len(prompt), ["123"], ["ab-cd"])
+    key_in_needle, key_asked = prompt.index("ab-cd"), prompt.rindex("ab-cd")
+    # 'd' of 'cd': the dash is the key's third character, the tail target two tokens after it
+    want = {key_in_needle + 4, key_asked + 4}
+    assert {j for _, j, j2 in got["gather_tail"] if j == j2} == want
+    assert [t for t, _, _ in got["gather_tail"]] == [t for t, _, _ in got["gather"]]
+    # a key without a dash, or one whose part after the dash is one token: its last token
+    short = answer_targets(text.replace("ab-cd", "abcde"), offsets, len(prompt), ["123"], ["abcde"])
+    assert {j for _, j, _ in short["gather_tail"]} == {key_in_needle + 4, key_asked + 4}
+    one = "xx One of the special magic numbers for abc-d is: 123. Numbers for abc-d:"
+    got = answer_targets(one + " 123.", offsets, len(one), ["123"], ["abc-d"])
+    assert {j for _, j, _ in got["gather_tail"]} == {one.index("abc-d") + 4, one.rindex("abc-d") + 4}
+
+
+def test_two_gather_roles_train_a_second_gathering_head():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = LlamaForCausalLM(cfg)
+    assert tiny.supervised_heads(cfg, "two_gather") == {"gather": (1, 2), "gather_tail": (1, 3), "match": (2, 2),
+                                                         "copy": (2, 0)}
+    ids = torch.randint(0, 64, (1, 32))
+    spans = [{"match": [(20, 5, 5)], "copy": [(21, 6, 6)], "gather": [(20, 1, 3)], "gather_tail": [(20, 3, 3)],
+              "needles": [5, 12], "contrast": [(20, 0)]}]
+    args = (model, ids, ids, torch.arange(32)[None], False)
+    _, _, full, _ = tiny._loss(*args, spans=spans, key_probe=KeyProbe(32), roles="full")
+    _, _, two, _ = tiny._loss(*args, spans=spans, key_probe=KeyProbe(32), roles="two_gather")
+    with torch.no_grad(), capturing(model) as store:
+        model(ids)
+        tail = retrieval_loss(store, [[(20, 3, 3)]], 1, 3)
+        one, both = contrast_loss(store, spans, 1, 2), contrast_loss(store, spans, 1, [2, 3])
+        assert torch.allclose(contrast_loss(store, spans, 1, [2]), one)
+    # the same losses but for the tail head's attention term and the contrast over both heads
+    # (the key probes are fresh random maps: compare without them)
+    _, _, full_np, _ = tiny._loss(*args, spans=spans, roles="full")
+    _, _, two_np, _ = tiny._loss(*args, spans=spans, roles="two_gather")
+    assert torch.allclose(two_np, full_np - one + both + tail, atol=1e-5)
+    assert torch.isfinite(full) and torch.isfinite(two)
+    with pytest.raises(ValueError, match="retrieval_roles in"):
+        tiny.Stage(steps=1, min_len=8, max_len=8, batch_size=1, retrieval_roles="three_gather")
+
+
 def test_circuit_report_reads_the_supervised_heads(tmp_path, capsys):
     from longctx.tiny.retrieval import circuit_report
 
@@ -241,6 +287,9 @@ def test_circuit_report_reads_the_supervised_heads(tmp_path, capsys):
     assert rep["answers"] >= 2 and rep["key_tokens"] > 3
     assert 0.0 <= rep["gather_key_share"] <= 1.0 and 1.0 <= rep["gather_key_tokens"] <= rep["key_tokens"]
     assert rep["first_token_right"] == 1.0  # the bundled target retrieves at 1K
+    # the gathered key is closest to the right needle's: above every other needle's cosine
+    assert rep["gather_top1"] == 1.0 and rep["gather_right_cos"] > rep["gather_best_other_cos"]
+    assert -1.0 <= rep["gather_best_other_cos"] <= 1.0 and rep["needles"] > 1
     # a random model of the same shape neither gathers the key nor predicts the value
     rand = LlamaForCausalLM(model.config).eval()
     bad = circuit_report(rand, tok, "niah_multikey_2", 1024, n=2, seed=5)
@@ -252,6 +301,10 @@ def test_circuit_report_reads_the_supervised_heads(tmp_path, capsys):
     assert tiny.train_tiny_main(["--eval-only", "--out-dir", str(tiny.MODELS_DIR),
                                  "--circuit-report", "niah_multikey_2:512:1"]) == 0
     assert '"gather_key_tokens"' in capsys.readouterr().out
+    # a second gathering head (here an untrained one: any head reads as one) is reported on request
+    two = circuit_report(model, tok, "niah_multikey_2", 1024, n=2, seed=5, roles="two_gather")
+    assert 0.0 <= two["tail_share"] <= 1.0 and 0.0 <= two["pair_top1"] <= 1.0
+    assert {k: v for k, v in two.items() if k not in ("tail_share", "pair_top1")} == rep
 
 
 def test_resolve_device_names_what_it_accepts():

@@ -104,8 +104,9 @@ def _parse(argv):
                    help="weight of the retrieval supervision (longctx.tiny.retrieval) in every stage after the "
                         "copy warm-up, main curriculum and polish")
     p.add_argument("--retrieval-roles", choices=RETRIEVAL_ROLES, default="full",
-                   help="parts of the retrieval supervision: 'basic' (copying + gathering heads) or 'full' (also "
-                        "a matching head for a value's first token, the key probe and the contrastive loss)")
+                   help="parts of the retrieval supervision: 'basic' (copying + gathering heads), 'full' (also "
+                        "a matching head for a value's first token, the key probe and the contrastive loss) or "
+                        "'two_gather' ('full' with a second gathering head on the key's second part)")
     p.add_argument("--mix", default=None, metavar="TASK:W,...",
                    help="task mixture of the follow-up curriculum (--*-only runs), e.g. "
                         "niah_multikey_2:3,niah_multivalue:1 (replaces the curriculum's own)")
@@ -160,18 +161,19 @@ def _parse(argv):
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out-dir")
     p.add_argument("--circuit-report", default=None, metavar="TASK:LENGTH:N",
                    help="with --eval-only: how the target's supervised heads behave on N training-format "
-                        "prompts of TASK at LENGTH tokens (longctx.tiny.retrieval.circuit_report), as JSON")
+                        "prompts of TASK at LENGTH tokens (longctx.tiny.retrieval.circuit_report), as JSON; with "
+                        "--retrieval-roles two_gather also the second gathering head")
     return p.parse_args(argv)
 
 
-def _print_circuit_report(target, tok, spec: str) -> int:
+def _print_circuit_report(target, tok, spec: str, roles: str = "full") -> int:
     from longctx.tiny.retrieval import circuit_report
 
     task, _, rest = spec.partition(":")
     length, _, n = rest.partition(":")
     if not (length.isdigit() and n.isdigit()):
         raise ValueError(f"--circuit-report requires TASK:LENGTH:N, e.g. niah_multikey_2:4096:8 (got {spec!r})")
-    report = circuit_report(target, tok, task, int(length), int(n))
+    report = circuit_report(target, tok, task, int(length), int(n), roles=roles)
     sys.stdout.write(json.dumps({"task": task, "length": int(length), **report}, indent=1) + "\n")
     return 0
 
@@ -244,7 +246,7 @@ def train_tiny_main(argv: Optional[Sequence[str]] = None) -> int:
         tok = AutoTokenizer.from_pretrained(out / "tiny-target")
         target = AutoModelForCausalLM.from_pretrained(out / "tiny-target").eval().to(device)
         if args.circuit_report:
-            return _print_circuit_report(target, tok, args.circuit_report)
+            return _print_circuit_report(target, tok, args.circuit_report, args.retrieval_roles)
         draft = (AutoModelForCausalLM.from_pretrained(out / "tiny-draft").eval().to(device)
                  if (out / "tiny-draft").exists() else None)
     else:

@@ -9,8 +9,10 @@ from typing import Optional, Sequence
 from longctx.tiny.data import TRAIN_TASKS
 
 # "basic": the copying head (every value token) and the gathering head only; "full": separate
-# matching head for a value's first token, the key probe and the contrastive gathering loss
-RETRIEVAL_ROLES = ("basic", "full")
+# matching head for a value's first token, the key probe and the contrastive gathering loss;
+# "two_gather": "full" with a second gathering head on the key's second part, the contrastive loss
+# on both gathering heads' outputs together
+RETRIEVAL_ROLES = ("basic", "full", "two_gather")
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -93,19 +93,22 @@ def answer_targets(text: str, offsets: Sequence[tuple[int, int]], prompt_chars: 
 
     Returns
     -------
-    ``{"match", "copy", "gather", "needles", "contrast"}`` lists. ``match``: for the first token
+    ``{"match", "copy", "gather", "gather_tail", "needles", "contrast"}`` lists. ``match``: for the first token
     of every value found, the position that predicts it and the same token in the needle holding
     the value (the token a key-matching head must read); ``copy``: the same for the value's other
     tokens (what an induction head restricted to that needle reads). ``gather``: at each position
     that predicts a value token, the key's tokens in its last mention before it (the question); at
     each value token of the needle, the needle's key tokens (what a head must collect so that the
-    two ends can be matched).
+    two ends can be matched). ``gather_tail``: the same positions, one target token each: the
+    second token after the key's first ``-`` (its last token when there is none or the key ends
+    sooner), for a second gathering head that reads the key's second part (the first head ends up
+    reading the key's first tokens, so keys that start alike look alike; see ``circuit_report``).
     ``needles``: the first value token of every needle in the prompt; ``contrast``: ``(t, i)``
     per ``match`` target, ``i`` the index of its needle in ``needles`` (for :func:`contrast_loss`).
     Values whose tokens differ between the needle and the answer are skipped.
     """
     starts, ends = [a for a, _ in offsets], [e for _, e in offsets]
-    match, copy, gather = [], [], []
+    match, copy, gather, tail = [], [], [], []
     # the first value token of every needle of the prompt (the candidates a key match chooses from)
     needles, c = [], text.find(" is: ", 0, prompt_chars)
     while c >= 0:
@@ -127,13 +130,29 @@ def answer_targets(text: str, offsets: Sequence[tuple[int, int]], prompt_chars: 
         copy += [(d - 1, s, s) for s, d in zip(src[1:], dst[1:])]
         needle_key = _tokens_in(ends, starts, cp + 1, cp + 1 + len(key))
         gather += [(s, needle_key.start, needle_key.stop - 1) for s in src]
+        j = _tail_token(ends, key, cp + 1, needle_key)
+        tail += [(s, j, j) for s in src]
         cq = text.rfind(key, cv + len(val), ca)
         if cq >= 0:
             asked = _tokens_in(ends, starts, cq, cq + len(key))
             gather += [(d - 1, asked.start, asked.stop - 1) for d in dst]
+            j = _tail_token(ends, key, cq, asked)
+            tail += [(d - 1, j, j) for d in dst]
     # contrast: (t, index of the right needle in ``needles``) for each match target
     contrast = [(t, needles.index(s0)) for t, s0, _ in match if s0 in needles]
-    return {"match": match, "copy": copy, "gather": gather, "contrast": contrast, "needles": needles}
+    return {"match": match, "copy": copy, "gather": gather, "gather_tail": tail, "contrast": contrast,
+            "needles": needles}
+
+
+def _tail_token(ends: Sequence[int], key: str, c0: int, key_tokens: range) -> int:
+    """The token ``gather_tail`` reads for a key written at character ``c0`` over ``key_tokens``:
+    the second token after the key's first ``-``, clipped to the key's last token."""
+    last = key_tokens.stop - 1
+    dash = key.find("-")
+    if dash < 0:
+        return last
+    dash_token = bisect.bisect_right(ends, c0 + dash)  # the token holding the dash
+    return min(dash_token + 2, last)
 
 
 def _head_scores(store: dict, layer: int, head: int, b: int, t: torch.Tensor) -> torch.Tensor:
@@ -225,20 +244,22 @@ class KeyProbe(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
-def contrast_loss(store: dict, spans: Sequence[dict], layer: int, head: int, temperature: float = 0.1
-                  ) -> torch.Tensor:
+def contrast_loss(store: dict, spans: Sequence[dict], layer: int, head: Union[int, Sequence[int]],
+                  temperature: float = 0.1) -> torch.Tensor:
     """InfoNCE on the gathering head's outputs: at a position that predicts a value's first token,
     its output must be closer (cosine) to the output at the right needle's value than at any other
     needle's. Gives the gathering head's value/output maps a direct reason to keep the key's
     identity (in a trial its outputs were nearly the same for every key: cosine 0.55-0.75 to
-    every needle, the right one not singled out)."""
+    every needle, the right one not singled out). With several ``head`` s their outputs are
+    concatenated: the gathered key is what the heads write together."""
     out = store[("out", layer)]  # [B, S, H, D]
     losses = []
     for b, row in enumerate(spans):
         pairs, needles = row.get("contrast", []), row.get("needles", [])
         if not pairs or len(needles) < 2:
             continue
-        g = torch.nn.functional.normalize(out[b, :, head].float(), dim=-1)  # [S, D]
+        heads = [head] if isinstance(head, int) else list(head)
+        g = torch.nn.functional.normalize(out[b, :, heads].float().flatten(1), dim=-1)  # [S, len(heads) * D]
         t = torch.tensor([p[0] for p in pairs], device=g.device)
         sims = g[t] @ g[torch.tensor(needles, device=g.device)].T / temperature  # [N, n_needles]
         right = torch.tensor([p[1] for p in pairs], device=g.device)
@@ -249,7 +270,7 @@ def contrast_loss(store: dict, spans: Sequence[dict], layer: int, head: int, tem
 
 
 def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int = 4096, n: int = 8,
-                   seed: int = 123) -> dict[str, float]:
+                   seed: int = 123, roles: str = "full") -> dict[str, float]:
     """How the supervised heads of a trained tiny model behave on ``n`` training-format prompts.
 
     For each answer value's first token (the token that needs the right needle), with the heads of
@@ -262,8 +283,15 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
       attention restricted to the key), against ``key_tokens``, the key's length in tokens;
     - ``gather_top1``: the gathering head's output at the answer is closest (cosine) to its output
       at the right needle's value among all needles;
+    - ``gather_right_cos`` / ``gather_best_other_cos``: that cosine for the right needle, and the
+      largest one over the other needles (``gather_top1`` fails when the second exceeds the first);
+    - ``needles``: the number of needles in the prompt (the candidates);
     - ``match_top1``: the matching head attends to the right needle's value more than any other's;
     - ``first_token_right``: the model's greedy next token is the value's first token.
+
+    With ``roles="two_gather"`` (a model trained with a second gathering head) also
+    ``tail_share``, that head's attention on its target token (``answer_targets``' ``gather_tail``),
+    and ``pair_top1``, ``gather_top1`` for both gathering heads' outputs together.
 
     Returns the means over all answers, and ``answers`` (their count).
     """
@@ -275,7 +303,7 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
         raise ValueError(f"circuit_report requires length >= 64 and n >= 1 (got length={length}, n={n})")
     stream = SampleStream(tokenizer, seed, load_essay_words(), mix=[(task, 1.0)])
     stream.want_spans = True
-    heads = supervised_heads(model.config)
+    heads = supervised_heads(model.config, roles)
     rows: list[dict[str, float]] = []
     for _ in range(n):
         ids, _ = stream.sample(length)
@@ -294,11 +322,18 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
         gather_att = torch.softmax(_head_scores(store, *heads["gather"], 0, ts), dim=-1)  # [N, S]
         match_att = torch.softmax(_head_scores(store, *heads["match"], 0, ts), dim=-1)[:, needles]  # [N, needles]
         gather_out = torch.nn.functional.normalize(store[("out", heads["gather"][0])][0, :, heads["gather"][1]], dim=-1)
+        tail_att = pair_out = None
+        if "gather_tail" in heads:
+            tails = {t: j for t, j, _ in spans["gather_tail"]}
+            tail_att = torch.softmax(_head_scores(store, *heads["gather_tail"], 0, ts), dim=-1)  # [N, S]
+            pair = store[("out", heads["gather"][0])][0][:, [heads["gather"][1], heads["gather_tail"][1]]]
+            pair_out = torch.nn.functional.normalize(pair.flatten(1), dim=-1)  # [S, 2 * D]
         for i, (t, right) in enumerate(answers):
             s0, s1 = gathered[t]
             key = gather_att[i, s0:s1 + 1]
             p = key / key.sum()
             sims = gather_out[t] @ gather_out[needles].T
+            others = torch.cat([sims[:right], sims[right + 1:]])
             match = match_att[i]
             rows.append({
                 "gather_key_share": key.sum().item(),
@@ -306,9 +341,15 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
                 "gather_key_tokens": torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item(),
                 "key_tokens": float(s1 - s0 + 1),
                 "gather_top1": float(sims.argmax().item() == right),
+                "gather_right_cos": sims[right].item(),
+                "gather_best_other_cos": others.max().item() if len(others) else float("nan"),
+                "needles": float(len(needles)),
                 "match_top1": float(match.argmax().item() == right),
                 "first_token_right": float(logits[t].argmax().item() == ids[t + 1]),
             })
+            if tail_att is not None:
+                rows[-1]["tail_share"] = tail_att[i, tails[t]].item()
+                rows[-1]["pair_top1"] = float((pair_out[t] @ pair_out[needles].T).argmax().item() == right)
     if not rows:
         raise ValueError(f"circuit_report found no supervised answers for task={task!r} at length={length} "
                          f"(needs a NIAH task whose needles hold the asked keys)")

@@ -73,20 +73,30 @@ def supervised_heads(config, roles: str = "full") -> dict[str, tuple[int, int]]:
     model); ``match`` (read a value's first token from the needle whose gathered key matches) and
     ``copy`` (read the value's next tokens) are heads of the last layer with different KV heads
     where the model has several, so the two kinds of matching do not share keys. With ``roles ==
-    "basic"`` there is no ``match`` head: ``copy`` reads every value token.
+    "basic"`` there is no ``match`` head: ``copy`` reads every value token. With ``roles ==
+    "two_gather"`` the next head of the gathering layer is ``gather_tail``: it reads the key's
+    second part (:func:`longctx.tiny.retrieval.answer_targets`).
     """
     n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
     last = n_layers - 1
-    heads = {"gather": (1 if n_layers > 2 else 0, n_heads // 2), "match": (last, n_heads // 2), "copy": (last, 0)}
+    gather_layer = 1 if n_layers > 2 else 0
+    heads = {"gather": (gather_layer, n_heads // 2), "match": (last, n_heads // 2), "copy": (last, 0)}
     if roles == "basic":
         del heads["match"]
+    if roles == "two_gather":
+        if n_heads < 2:
+            raise ValueError(f"retrieval roles 'two_gather' require a model with >= 2 attention heads "
+                             f"(got num_attention_heads={n_heads})")
+        heads["gather_tail"] = (gather_layer, (n_heads // 2 + 1) % n_heads)
     return heads
 
 
 def _role_targets(spans: Sequence[dict], roles: str) -> list[dict]:
     """``answer_targets`` rows for ``roles``: "basic" folds the ``match`` targets into ``copy``."""
-    if roles == "full":
+    if roles == "two_gather":
         return list(spans)
+    if roles == "full":
+        return [{k: v for k, v in row.items() if k != "gather_tail"} for row in spans]
     return [{"copy": row.get("match", []) + row.get("copy", []), "gather": row.get("gather", [])} for row in spans]
 
 
@@ -120,8 +130,10 @@ def _loss(model, ids, labels, pos, autocast: bool, probes: Optional[PrevTokenPro
         ret = ret + sum(retrieval_loss(store, [row.get(role, []) for row in spans], layer, head,
                                        spread=gather_spread and role == "gather")
                         for role, (layer, head) in heads.items())
-        if roles == "full":
-            ret = ret + contrast_loss(store, spans, *heads["gather"])
+        if roles != "basic":  # the contrast is on what the gathering head(s) write
+            layer, head = heads["gather"]
+            tail = [heads["gather_tail"][1]] if "gather_tail" in heads else []
+            ret = ret + contrast_loss(store, spans, layer, [head, *tail])
     logits = out.logits.float()  # [B, K, V]
     target = labels[:, 1:][:, keep]  # [B, K]
     tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [B, K]
@@ -169,7 +181,7 @@ def train(
     probes = probes or {}
     # the key probes (longctx.tiny.retrieval.KeyProbe) come with the retrieval supervision
     key_probes = {}
-    if any(s.retrieval_weight > 0 and s.retrieval_roles == "full" for s in curriculum):
+    if any(s.retrieval_weight > 0 and s.retrieval_roles != "basic" for s in curriculum):
         from longctx.tiny.retrieval import KeyProbe
 
         key_probes = {n: KeyProbe(m.config.hidden_size).to(dev) for n, m in models.items()}
