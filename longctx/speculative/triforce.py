@@ -554,7 +554,10 @@ def triforce_generate(
         Tokens the middle level proposes per full-cache verification (default 6).
     draft_gamma : int, optional
         Tokens the draft proposes per middle verification. Default ``None``: adaptive in
-        ``[0, gamma]`` (see :class:`DraftLength`; the official code drafts 1).
+        ``[0, gamma]`` (see :class:`DraftLength`; the official code drafts 1). The adaptive
+        length is chosen from measured wall-clock costs, so the statistics (acceptances,
+        forwards per token) vary from run to run with the machine's load; the output does
+        not. Give an int for reproducible statistics.
     middle : str or BackendConfig
         Middle-level backend: ``"triforce_retrieval"`` (default: chunk 8, budget 4096) or
         any registered backend name / config.

@@ -133,7 +133,8 @@ def _chi_square_pvalue(samples, expected_probs):
 
 
 def test_sampling_distribution_equals_target_and_catches_official_middle_rule():
-    """First 3 tokens (the 2nd and 3rd pass both levels) of 3000 independent rows vs exact enumeration."""
+    """First 3 tokens of 4 generated (the 2nd and 3rd pass both levels: the 1st comes from the prefill, and
+    the last token of a generation is drawn by the full target alone) of 3000 rows vs exact enumeration."""
     kw = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
               head_dim=8, initializer_range=0.3)
     target = tiny_model("llama", seed=0, **kw)
@@ -145,11 +146,11 @@ def test_sampling_distribution_equals_target_and_catches_official_middle_rule():
     def run(middle_rule, seed):
         g = torch.Generator().manual_seed(seed)
         rule = Rules.from_options(SAMPLING["temperature"], SAMPLING["top_p"], generator=g, middle_verify=middle_rule)
-        out, stats = triforce_generate(target, draft, prompt.expand(N, -1), 3, gamma=2, draft_gamma=1,
+        out, stats = triforce_generate(target, draft, prompt.expand(N, -1), 4, gamma=2, draft_gamma=1,
                                        middle_options=dict(chunk_size=2, budget=4), draft_cache=dict(sinks=2, window=4),
                                        _rule=rule, **SAMPLING)
         assert 0.2 < stats.acceptance_middle < 0.9 and 0.2 < stats.acceptance_top < 0.95  # both levels reject often
-        return [tuple(row) for row in out[:, 12:].tolist()]
+        return [tuple(row) for row in out[:, 12:15].tolist()]
 
     assert _chi_square_pvalue(run(speculative_verify, 1), expected) > 1e-3
     assert _chi_square_pvalue(run(_official_middle_rule, 1), expected) < 1e-8
