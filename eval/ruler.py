@@ -196,6 +196,9 @@ class RulerSources:
 
 
 ESSAY_TASKS = tuple(t for t, (b, a) in TASKS.items() if b == "niah" and a["type_haystack"] == "essay")
+# the shipped stand-in for the Paul Graham essays (synthetic English-like text, eval/data/README.md):
+# RulerSources(essay=SYNTHETIC_ESSAYS) runs the essay tasks offline, scores not comparable to RULER's
+SYNTHETIC_ESSAYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic_essays.json")
 
 
 def missing_reason(task: str, sources: RulerSources) -> Optional[str]:
@@ -271,7 +274,11 @@ def generate_task(
     sources = sources or RulerSources()
     reason = missing_reason(task, sources)
     if reason:
-        raise syn.MissingDataError(reason)
+        field = "essay" if task in ESSAY_TASKS else "squad" if task == "qa_1" else "hotpotqa"
+        hint = (f" (in Python: sources=RulerSources({field}=PATH)"
+                + ("; ruler.SYNTHETIC_ESSAYS is a shipped synthetic stand-in" if field == "essay" else "")
+                + ")")
+        raise syn.MissingDataError(reason + hint)
     base_name, args = TASKS[task]
     base = BASE_TASKS[base_name]
     template = model_template.format(task_template=base["template"]) + base["answer_prefix"]

@@ -28,8 +28,9 @@ DEMO_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def _essay_file() -> str | None:
-    path = Path(__file__).resolve().parent / "data" / "synthetic_essays.json"
-    return str(path) if path.exists() else None
+    from longctx.eval.ruler import SYNTHETIC_ESSAYS
+
+    return SYNTHETIC_ESSAYS if Path(SYNTHETIC_ESSAYS).exists() else None
 
 
 def demo_backends() -> list[Any]:
