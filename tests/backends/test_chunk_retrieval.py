@@ -61,6 +61,32 @@ def test_decode_attends_exactly_the_selected_chunks(gen, H, Hkv):
     assert layer.stats()["keys_per_step"] == 16 + 2 + 3
 
 
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)])
+def test_reretrieval_attends_the_chunks_each_query_selects(gen, H, Hkv):
+    """With ``retrieval_interval=1`` every decode step after the first re-selects with its own
+    query: its output is attention over those chunks + the prompt remainder + the tokens so far."""
+    ctx = LayerContext(num_heads=H, num_kv_heads=Hkv, head_dim=D)
+    C, S, steps = 4, 66, 5
+    layer = make_layer("triforce_retrieval", ctx, chunk_size=C, budget=16, retrieval_interval=1)
+    q, k, v = _inputs(gen, H, Hkv, S + steps)
+    q = q * 3.0  # peaked chunk scores: the selection changes from step to step
+    pos = torch.arange(S + steps).unsqueeze(0)
+    layer.prefill(q[:, :, :S], k[:, :, :S], v[:, :, :S], pos[:, :S])
+    lm = k[:, :, :64].reshape(1, Hkv, 16, C, D).mean(3)
+    chosen = []
+    for i in range(steps):
+        t = S + i
+        out = layer.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], pos[:, t : t + 1])
+        scorer = q[:, :, t if i > 0 else S - 1]  # the first step still reads the prefill's selection
+        want = select_chunks(scorer, lm, 4, ctx.scale)
+        assert torch.equal(layer.chunks, want)
+        ref, _ = sparse_attention_ref(q[:, :, t : t + 1], k, v, _selected_tokens(want, C, S, i + 1), ctx.scale)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        chosen.append(want)
+    assert any(not torch.equal(a, b) for a, b in zip(chosen, chosen[1:]))  # the selection really moved
+    assert layer.stats()["retrievals"] == steps  # the prefill's + one per step after the first
+
+
 def test_mha_selection_is_the_official_raw_score_rule(gen):
     q = torch.randn(2, 4, D, generator=gen)
     lm = torch.randn(2, 4, 32, D, generator=gen)
