@@ -96,6 +96,7 @@ class CompareLayer(BackendLayer):
         self.dense = DenseLayer(DenseConfig(), ctx)
         self.candidate = candidate
         self.candidate.record_attended = True
+        self.candidate.record_attended_rows = max_queries  # _measure reads the last max_queries rows only
         self.top_k = top_k
         self.max_queries = max_queries
         self.records: list[dict[str, float]] = []

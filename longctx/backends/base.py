@@ -85,7 +85,9 @@ class BackendLayer(abc.ABC):
     Diagnostics seam: when :attr:`record_attended` is set (by :mod:`longctx.diagnostics`),
     every call stores in :attr:`attended` a bool tensor ``[B, H, S, T]`` marking which
     cached keys each query attended (``T`` = tokens held after the call, causal positions
-    only). Dense backends may leave it ``None``, which means "all causal keys".
+    only). Dense backends may leave it ``None``, which means "all causal keys". With
+    :attr:`record_attended_rows` = n, a backend may record only the last ``min(S, n)``
+    queries (``[B, H, n, T]``): an S x T mask of a 32K-token prefill is 1 GiB per head.
 
     Parameters
     ----------
@@ -102,7 +104,12 @@ class BackendLayer(abc.ABC):
         self.config = config
         self.ctx = ctx
         self.record_attended = False
+        self.record_attended_rows: Optional[int] = None  # record only the last n queries (None: all)
         self.attended: Optional[torch.Tensor] = None
+
+    def attended_rows(self, S: int) -> int:
+        """How many of a call's ``S`` queries (the last ones) :attr:`attended` must cover."""
+        return S if self.record_attended_rows is None else max(1, min(S, self.record_attended_rows))
 
     # ---------------------------------------------------------------- the contract
     @abc.abstractmethod

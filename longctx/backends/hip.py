@@ -121,7 +121,7 @@ class HiPLayer(BackendLayer):
                 listed += B * M * int((sink_keys + T - local_start.clamp(max=T)).sum())
                 self._stats["bytes_to_device"] += (scored + 2 * listed) * k.shape[-1] * k.element_size()
         if self.record_attended:
-            self.attended = attended_mask(blocks, local_start, q_offset, S, T, H, cfg)
+            self.attended = attended_mask(blocks, local_start, q_offset, S, T, H, cfg, rows=self.attended_rows(S))
         return out
 
     # ---------------------------------------------------------------- the contract

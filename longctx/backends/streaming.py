@@ -175,15 +175,17 @@ class StreamingLayer(BackendLayer):
         return out
 
     def _attended_mask(self, q: torch.Tensor, L: int) -> torch.Tensor:
-        """``[B, H, S, T]`` bool over the original token indices: the sinks and the window per query."""
+        """``[B, H, R, T]`` bool over the original token indices: the sinks and the window of each of
+        the last ``R`` queries (:meth:`attended_rows`)."""
         B, H, S, _ = q.shape
         T, sinks = self.seq_length, self.config.sinks
-        by_slot = window_mask(S, L, sinks, self.config.window, q.device)  # [S, L]
+        R = self.attended_rows(S)
+        by_slot = window_mask(S, L, sinks, self.config.window, q.device)[S - R:]  # [R, L]
         slot = torch.arange(L, device=q.device)
         index = torch.where(slot < sinks, slot, slot + (T - L))  # held: the sinks, then the last L - sinks tokens
-        mask = torch.zeros(S, T, dtype=torch.bool, device=q.device)
+        mask = torch.zeros(R, T, dtype=torch.bool, device=q.device)
         mask[:, index] = by_slot
-        return mask.expand(B, H, S, T)
+        return mask.expand(B, H, R, T)
 
     def rollback(self, n_tokens: int) -> None:
         self._check_rollback(n_tokens, self.generated)

@@ -513,24 +513,29 @@ def attended_counts(blocks: torch.Tensor, local_start: torch.Tensor, q_offset: i
 
 
 def attended_mask(
-    blocks: torch.Tensor, local_start: torch.Tensor, q_offset: int, S: int, T: int, num_heads: int, config: Any
+    blocks: torch.Tensor, local_start: torch.Tensor, q_offset: int, S: int, T: int, num_heads: int, config: Any,
+    rows: Optional[int] = None,
 ) -> torch.Tensor:
-    """``[B, H, S, T]`` bool: which keys each query attends (diagnostics; O(S x T) memory)."""
+    """``[B, H, R, T]`` bool: which keys each of the last ``R = rows`` (default all ``S``) queries
+    attends (diagnostics; O(R x T) memory, only the query blocks of those rows are expanded)."""
     B, M, N, K = blocks.shape
     dev = blocks.device
-    starts, ends, _ = block_geometry(S, q_offset, config, dev)
+    R = S if rows is None else max(1, min(rows, S))
     b_k = config.block_size_k
-    per_block = torch.zeros(B, M, N, T + b_k, dtype=torch.bool, device=dev)
-    keys = (blocks.clamp(min=0).unsqueeze(-1) * b_k + torch.arange(b_k, device=dev)).flatten(-2)
-    valid = (blocks >= 0).unsqueeze(-1).expand(-1, -1, -1, -1, b_k).flatten(-2)
+    row = torch.arange(S - R, S, device=dev)  # [R] query indices within the call
+    block_of = torch.div(row, config.block_size_q, rounding_mode="floor")  # [R]
+    first = int(block_of[0])
+    sub = blocks[:, :, first:]  # the query blocks holding those rows
+    per_block = torch.zeros(B, M, sub.shape[2], T + b_k, dtype=torch.bool, device=dev)
+    keys = (sub.clamp(min=0).unsqueeze(-1) * b_k + torch.arange(b_k, device=dev)).flatten(-2)
+    valid = (sub >= 0).unsqueeze(-1).expand(-1, -1, -1, -1, b_k).flatten(-2)
     per_block.scatter_(-1, torch.where(valid, keys, T), True)
     per_block = per_block[..., :T]
-    qpos = torch.arange(S, device=dev) + q_offset  # [S]
-    block_of = torch.div(torch.arange(S, device=dev), config.block_size_q, rounding_mode="floor")
+    qpos = row + q_offset  # [R]
     kpos = torch.arange(T, device=dev)
     sink_keys = min(config.sink_blocks * b_k, T)
-    fixed = (kpos < sink_keys) | (kpos >= local_start.to(dev)[block_of].unsqueeze(1))  # [S, T]
-    att = (per_block[:, :, block_of] | fixed) & (kpos <= qpos.unsqueeze(1))  # [B, M, S, T]
+    fixed = (kpos < sink_keys) | (kpos >= local_start.to(dev)[block_of].unsqueeze(1))  # [R, T]
+    att = (per_block[:, :, block_of - first] | fixed) & (kpos <= qpos.unsqueeze(1))  # [B, M, R, T]
     return att.repeat_interleave(num_heads // M, dim=1)
 
 

@@ -256,6 +256,9 @@ def test_sparse_attention_is_dense_attention_over_the_attended_keys(gen, impl):
         torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(lse, scores.logsumexp(-1), atol=ATOL, rtol=RTOL)
         assert bool((att.sum(-1) < torch.arange(T - S, T) + 1).any())  # really sparse
+        for rows in (1, 5, S + 3):  # the diagnostics' bounded mask: the last rows of the full one
+            torch.testing.assert_close(attended_mask(mask.blocks, mask.local_start, T - S, S, T, H, cfg, rows=rows),
+                                       att[:, :, -min(rows, S):], atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- complexity

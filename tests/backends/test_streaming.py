@@ -86,6 +86,23 @@ def test_decode_matches_sinks_window_reference(gen, Hkv):
     assert layer.stats()["evicted"] > 0
 
 
+def test_attended_rows_bound_the_recorded_mask(gen):
+    """With ``record_attended_rows`` the mask holds the last rows of the full one."""
+    ctx, _ = _ctx(4, 2)
+    cfg = StreamingConfig(sinks=3, window=8)
+    q, k, v = (torch.randn(1, h, 40, D, generator=gen) for h in (4, 2, 2))
+    pos = torch.arange(40).unsqueeze(0)
+    masks = []
+    for rows in (None, 4):
+        layer = make_layer(cfg, ctx)
+        layer.record_attended, layer.record_attended_rows = True, rows
+        layer.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30], pos[:, :30])
+        layer.decode(q[:, :, 30:], k[:, :, 30:], v[:, :, 30:], pos[:, 30:])  # 10 queries in one call
+        masks.append(layer.attended)
+    assert masks[0].shape == (1, 4, 10, 40) and masks[1].shape == (1, 4, 4, 40)
+    assert torch.equal(masks[1], masks[0][:, :, -4:])
+
+
 def test_rollback_within_reserve_restores_outputs(gen):
     ctx, rope = _ctx()
     layer = make_layer("streaming", ctx, sinks=2, window=6, rollback_reserve=4)
