@@ -160,8 +160,9 @@ class ShadowKVConfig(BackendConfig):
         the prompt remainder modulo ``chunk_size`` joins it).
     outlier_chunks : int, optional
         Chunks per KV head with the lowest min-cosine to their landmark, kept exact on the
-        device. Default ``None``: 24 per 1024 tokens of budget (48 at 2048), the official
-        CPU-class rule, applied proportionally below 1024 instead of rounding to 0.
+        device. Default ``None``: ``sparse_budget * 24 // 1024`` (48 at 2048), the official
+        CPU-class rule of 24 per 1024 budget tokens, applied proportionally below 1024 instead
+        of rounding to 0 there (12 at 512, 1 from 48, none below 48 tokens).
     reuse_hits : bool
         Keep chunks selected at the previous step in place instead of rebuilding them
         (default ``True``; the output is identical either way).
