@@ -15,6 +15,7 @@ Two measurements on the same model and prompt:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Optional, Union
 
@@ -147,6 +148,116 @@ class CompareLayer(BackendLayer):
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+class _CaptureLayer(DenseLayer):
+    """Dense attention that keeps the queries it is given (the last ``prompt_queries`` of the prompt)."""
+
+    def __init__(self, ctx: LayerContext, prompt_queries: Optional[int]):
+        super().__init__(DenseConfig(), ctx)
+        self.prompt_queries = prompt_queries
+        self.queries: list[torch.Tensor] = []
+
+    def prefill(self, q, k, v, positions):
+        n = q.shape[2] if self.prompt_queries is None else min(self.prompt_queries, q.shape[2])
+        self.queries.append(q[:, :, q.shape[2] - n:].clone())
+        return super().prefill(q, k, v, positions)
+
+    def decode(self, q, k, v, positions):
+        self.queries.append(q.clone())
+        return super().decode(q, k, v, positions)
+
+
+@dataclasses.dataclass
+class AttentionCapture:
+    """Post-RoPE attention inputs of every layer from a dense greedy run (:func:`capture_attention`).
+
+    Attributes
+    ----------
+    queries : list of torch.Tensor
+        Per layer ``[B, H, Q, D]``: the last ``prompt_queries`` prompt queries, then the query of
+        each generated token that was fed back (all but the last).
+    keys, values : list of torch.Tensor
+        Per layer ``[B, Hkv, T, D]``: the prompt's and the fed-back tokens' (``T = prompt + Q_gen``).
+    query_positions : torch.Tensor
+        ``[Q]`` token index of each query (the key it is aligned with is ``keys[..., p, :]``).
+    tokens : torch.Tensor
+        ``[B, new_tokens]`` the greedy continuation.
+    contexts : list of LayerContext
+        Per layer shapes, softmax ``scale`` and the model's rotary helper.
+    """
+
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    query_positions: torch.Tensor
+    tokens: torch.Tensor
+    contexts: list[LayerContext]
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale of the attention (the same in every layer of the supported models)."""
+        return self.contexts[0].scale
+
+    def probs(self, layer: int) -> torch.Tensor:
+        """Dense causal attention probabilities ``[B, H, Q, T]`` of ``layer``'s captured queries."""
+        q, k = self.queries[layer], self.keys[layer]
+        scores = torch.matmul(q.float().reshape(q.shape[0], k.shape[1], -1, q.shape[-1]),
+                              k.float().transpose(-1, -2)) * self.contexts[layer].scale
+        scores = scores.reshape(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        future = torch.arange(k.shape[2], device=q.device)[None] > self.query_positions.to(q.device)[:, None]
+        return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+@torch.no_grad()
+def capture_attention(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 1,
+                      prompt_queries: Optional[int] = 1) -> AttentionCapture:
+    """Run ``model`` with dense attention on ``input_ids``, decode ``new_tokens`` greedily, and keep
+    every layer's post-RoPE queries, keys and values (what a backend is handed).
+
+    Parameters
+    ----------
+    model : transformers causal LM of a supported type.
+    input_ids : ``[B, P]`` prompt.
+    new_tokens : tokens to generate greedily (``>= 1``); the first ``new_tokens - 1`` are fed back,
+        so their queries and keys are captured.
+    prompt_queries : how many of the last prompt queries to keep (``None``: all ``P``; a 32K
+        prompt's queries are ``P x H x D`` floats per layer).
+
+    Returns
+    -------
+    AttentionCapture
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids requires shape [B, P] with P >= 1 (got {tuple(input_ids.shape)})")
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens requires an int >= 1 (got {new_tokens!r})")
+    if prompt_queries is not None and (not isinstance(prompt_queries, int) or prompt_queries < 1):
+        raise ValueError(f"prompt_queries requires None or an int >= 1 (got {prompt_queries!r})")
+    layers: list[_CaptureLayer] = []
+
+    def factory(ctx: LayerContext) -> BackendLayer:
+        layers.append(_CaptureLayer(ctx, prompt_queries))
+        return layers[-1]
+
+    with patch(model, "dense") as handle:
+        contexts = handle.contexts
+        cache = LongCtxCache(factory, contexts)
+        logits = model(input_ids, **{CACHE_KWARG: cache}).logits[:, -1]
+        tokens = [logits.argmax(-1, keepdim=True)]
+        for _ in range(new_tokens - 1):
+            tokens.append(model(tokens[-1], **{CACHE_KWARG: cache}).logits[:, -1].argmax(-1, keepdim=True))
+    P = input_ids.shape[1]
+    n_prompt = P if prompt_queries is None else min(prompt_queries, P)
+    positions = torch.arange(P - n_prompt, P + new_tokens - 1)
+    return AttentionCapture(
+        queries=[torch.cat(layer.queries, dim=2) for layer in layers],
+        keys=[layer.kv.keys().clone() for layer in layers],
+        values=[layer.kv.values().clone() for layer in layers],
+        query_positions=positions,
+        tokens=torch.cat(tokens, dim=1),
+        contexts=list(contexts),
+    )
 
 
 @torch.no_grad()

@@ -92,3 +92,31 @@ def test_compare_backends_takes_one_backend_with_two_settings(gen):
         compare_backends(model, ids, ["_test_window", "dense", "_test_window"], decode_steps=1)
     with pytest.raises(ValueError, match="backend entry _test_window: requires key=value items"):
         compare_backends(model, ids, ["_test_window:window"], decode_steps=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_capture_attention_matches_eager_attention(gen, arch):
+    """The captured q/k give the attention probabilities transformers' eager attention computes, and the
+    tokens are the greedy continuation."""
+    from longctx.diagnostics import capture_attention
+
+    model = tiny_model(arch)
+    ids = torch.randint(3, 128, (1, 30), generator=gen)
+    cap = capture_attention(model, ids, new_tokens=4, prompt_queries=5)
+    want = model.generate(ids, max_new_tokens=4, do_sample=False)[:, 30:]
+    assert torch.equal(cap.tokens, want)
+    assert cap.query_positions.tolist() == list(range(25, 33))
+    full = torch.cat([ids, cap.tokens[:, :3]], dim=1)  # prompt + the fed-back tokens
+    model.set_attn_implementation("eager")
+    try:
+        eager = model(full, output_attentions=True).attentions  # per layer [B, H, T, T]
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(cap.keys) == len(eager) and cap.keys[0].shape[2] == 33
+    for layer, att in enumerate(eager):
+        torch.testing.assert_close(cap.probs(layer), att[:, :, 25:33].float(), atol=1e-5, rtol=1e-4)
+    every = capture_attention(model, ids, new_tokens=1, prompt_queries=None)
+    assert every.queries[0].shape[2] == 30 and every.query_positions.tolist() == list(range(30))
+    for bad, what in [(dict(new_tokens=0), "new_tokens requires"), (dict(prompt_queries=0), "prompt_queries requires")]:
+        with pytest.raises(ValueError, match=what):
+            capture_attention(model, ids, **bad)
