@@ -569,7 +569,9 @@ bool add_reverse(Adjacency& a, const KeySet& keys, uint32_t y, uint32_t x, Prune
   return std::find(s.kept.begin(), s.kept.end(), x) != s.kept.end();
 }
 
-// Forces an edge y -> x, taking y's last slot when y is full (keeps x reachable).
+// Forces an edge y -> x, taking y's last slot when y is full. Used while keys are inserted; it
+// may remove another node's only in-edge, which repair_reachability (run after every build
+// and insertion) puts right.
 void force_edge(Adjacency& a, uint32_t y, uint32_t x) {
   uint32_t* nb = a.nbrs(y);
   uint32_t& d = a.degree(y);
@@ -632,13 +634,21 @@ void insert_base(Adjacency& base, std::vector<uint32_t>& entries, const KeySet& 
   if (!connect(base, keys, x, cands, rule, s)) force_edge(base, nearest, x);
 }
 
-// Makes every node reachable from the entries over the base layer: BFS, then each
-// unreached node is attached under the best reached node with a free slot found by a search
-// (NSG's tree repair). Returns the number of nodes attached.
+// Makes every node reachable from the entries over the base layer (NSG's tree repair): a BFS
+// from the entries records a spanning tree of the reached nodes (tree[v]: the node v was
+// discovered from), then each unreached node u is attached under a reached node found by a
+// search for u, and the BFS continues from u. The parent takes u in a free slot, or else in
+// the last slot that holds a non-tree edge: base lists are nearly always full (pruning fills
+// them to R), and overwriting an arbitrary slot (the old rule: always the last) could remove
+// another node's only in-edge, often the edge that had attached an earlier node under the same
+// parent, so that node and everything below it went unreachable again. Tree edges are never
+// overwritten, so every reached node stays reachable and one pass reaches them all. Returns the
+// number of nodes attached.
 int64_t repair_reachability(Adjacency& base, std::vector<uint32_t>& entries, const KeySet& keys, size_t L, Scratch& s) {
   if (base.n == 0) return 0;
   if (entries.empty()) entries.push_back(0);
   std::vector<uint8_t> seen(base.n, 0);
+  std::vector<uint32_t> tree(base.n, kNone);  // BFS parent (kNone: an entry)
   std::vector<uint32_t> queue;
   queue.reserve(base.n);
   auto bfs_from = [&](uint32_t start) {
@@ -652,34 +662,55 @@ int64_t repair_reachability(Adjacency& base, std::vector<uint32_t>& entries, con
       for (uint32_t j = 0; j < base.degree(u); ++j) {
         if (!seen[nb[j]]) {
           seen[nb[j]] = 1;
+          tree[nb[j]] = u;
           queue.push_back(nb[j]);
         }
       }
     }
   };
+  // The slot of reached node p that may take a new edge: base.R for a free slot, else the last
+  // slot whose target was not discovered from p (its edge is not a tree edge), else kNone.
+  auto free_slot = [&](uint32_t p) -> uint32_t {
+    if (base.degree(p) < base.R) return base.R;
+    const uint32_t* nb = base.nbrs(p);
+    for (uint32_t j = base.degree(p); j-- > 0;) {
+      if (tree[nb[j]] != p) return j;
+    }
+    return kNone;
+  };
   for (uint32_t e : entries) bfs_from(e);
+  if (queue.size() == base.n) return 0;
   int64_t attached = 0;
   GraphView view{&base, nullptr, &entries, base.n};
   for (uint32_t u = 0; u < base.n; ++u) {
     if (seen[u]) continue;
     beam_search(view, keys, keys.row(u), L, u, s);
-    uint32_t parent = kNone;
+    // the search only walks reached nodes: prefer the nearest with a free slot, then the
+    // nearest with a non-tree slot
+    uint32_t parent = kNone, slot = kNone;
     for (const Cand& c : s.beam.items()) {
       if (seen[c.id] && base.degree(c.id) < base.R) {
         parent = c.id;
+        slot = base.R;
         break;
       }
     }
-    if (parent == kNone) {
-      for (const Cand& c : s.beam.items()) {
-        if (seen[c.id]) {
-          parent = c.id;
-          break;
-        }
-      }
+    for (size_t i = 0; parent == kNone && i < s.beam.items().size(); ++i) {
+      const uint32_t c = s.beam.items()[i].id;
+      if (seen[c] && (slot = free_slot(c)) != kNone) parent = c;
     }
-    if (parent == kNone) parent = entries.front();
-    force_edge(base, parent, u);
+    // Some reached node always qualifies: the |reached| - 1 tree edges fill fewer than the
+    // |reached| * R >= 2 |reached| slots. Take the first in BFS order.
+    for (size_t i = 0; parent == kNone && i < queue.size(); ++i) {
+      if ((slot = free_slot(queue[i])) != kNone) parent = queue[i];
+    }
+    uint32_t* nb = base.nbrs(parent);
+    if (slot == base.R) {
+      nb[base.degree(parent)++] = u;
+    } else {
+      nb[slot] = u;  // drops a non-tree edge: its target stays reachable through its tree edge
+    }
+    tree[u] = parent;
     bfs_from(u);
     ++attached;
   }

@@ -298,6 +298,16 @@ class RetrievalConfig(BackendConfig):
         Attention-aware: projection edges per key and query head (default 128).
     base_degree : int
         Attention-aware: key-key edges per key, shared by a GQA group (default 8).
+    proj_prune : bool
+        Attention-aware: prune the projection edges by RoarGraph's occlusion rule (inner
+        product) and add reverse edges, instead of linking each training query's top-1 key
+        to the query's other top keys in rank order (default ``False``).
+    proj_reverse : bool
+        Attention-aware, rank-order projection (``proj_prune=False``): also link each
+        neighbour back to its pivot while it has room (default ``False``).
+    num_entry : int
+        Attention-aware: entry keys of each head's search, the key nearest the key centroid
+        plus the keys most often a training query's top-1 (default 4).
     build_knn : int
         Attention-aware: exact neighbours per training query (RoarGraph's Nq, default 100).
     build_ef : int
@@ -331,6 +341,9 @@ class RetrievalConfig(BackendConfig):
     ef_search: int = 160
     degree: int = 128
     base_degree: int = 8
+    proj_prune: bool = False
+    proj_reverse: bool = False
+    num_entry: int = 4
     build_knn: int = 100
     build_ef: int = 64
     max_train_queries: int = 4096
@@ -350,13 +363,17 @@ class RetrievalConfig(BackendConfig):
         _require(is_int(self.n_sink) and self.n_sink >= 0, name, "n_sink", "an int >= 0", self.n_sink)
         _require(is_int(self.window) and self.window >= 0, name, "window", "an int >= 0", self.window)
         _require(self.index in RETRIEVAL_INDEX_TYPES, name, "index", f"one of {list(RETRIEVAL_INDEX_TYPES)}", self.index)
-        for field in ("ef_search", "degree", "build_knn", "build_ef", "max_train_queries", "nprobe", "hnsw_m", "insert_block"):
+        for field in (
+            "ef_search", "degree", "num_entry", "build_knn", "build_ef", "max_train_queries", "nprobe", "hnsw_m",
+            "insert_block",
+        ):
             value = getattr(self, field)
             _require(is_int(value) and value > 0, name, field, "a positive int", value)
         _require(is_int(self.base_degree) and self.base_degree >= 2, name, "base_degree", "an int >= 2", self.base_degree)
         _require(self.nlist is None or (is_int(self.nlist) and self.nlist > 0), name, "nlist", "None or a positive int", self.nlist)
         _require(is_int(self.num_threads) and self.num_threads >= 0, name, "num_threads", "an int >= 0", self.num_threads)
-        _require(isinstance(self.half_keys, bool), name, "half_keys", "a bool", self.half_keys)
+        for field in ("proj_prune", "proj_reverse", "half_keys"):
+            _require(isinstance(getattr(self, field), bool), name, field, "a bool", getattr(self, field))
 
     @property
     def static_size(self) -> int:

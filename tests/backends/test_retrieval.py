@@ -202,6 +202,42 @@ def test_bad_config():
     assert RetrievalConfig.from_options({"top_k": "7", "index": "ivf"}).top_k == 7
 
 
+def test_bad_graph_options():
+    for bad, match in (
+        (dict(proj_prune="yes"), "proj_prune requires a bool"),
+        (dict(proj_reverse=1), "proj_reverse requires a bool"),
+        (dict(num_entry=0), "num_entry requires a positive int"),
+        (dict(num_entry=2.0), "num_entry requires a positive int"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RetrievalConfig(**bad)
+    opts = RetrievalConfig.from_options({"proj_prune": "true", "proj_reverse": "on", "num_entry": "9"})
+    assert (opts.proj_prune, opts.proj_reverse, opts.num_entry) == (True, True, 9)
+
+
+def test_graph_options_reach_the_index(gen):
+    # the defaults are IndexParams' (behaviour unchanged); set ones reach the C++ graph
+    from longctx.index import IndexParams
+
+    defaults = IndexParams()
+    cfg = RetrievalConfig()
+    assert (cfg.proj_prune, cfg.proj_reverse, cfg.num_entry) == (
+        defaults.proj_prune, defaults.proj_reverse, defaults.num_entry)
+    q, k, v = _qkv(gen, 1, 600)
+    entries = {}
+    for opts in (dict(), dict(proj_prune=True, proj_reverse=True, num_entry=9)):
+        layer = make_layer("retrieval", CTX, n_sink=8, window=32, top_k=16, **opts)
+        layer.prefill(q, k, v, None)
+        (index,) = layer.indexes
+        expect = {"proj_prune": False, "proj_reverse": False, "num_entry": defaults.num_entry, **opts}
+        assert (index.params.proj_prune, index.params.proj_reverse, index.params.num_entry) == (
+            expect["proj_prune"], expect["proj_reverse"], expect["num_entry"])
+        assert (index.graph.proj_prune, index.graph.proj_reverse) == (expect["proj_prune"], expect["proj_reverse"])
+        entries[expect["num_entry"]] = max(len(index.graph.entries(h)) for h in range(CTX.num_heads))
+    # 600 random prefill queries have many distinct top-1 keys: the entry count is the cap
+    assert entries == {defaults.num_entry: defaults.num_entry, 9: 9}
+
+
 def test_greedy_generate_equals_dense(gen):
     # a prompt longer than the static set so decode retrieves from the index, with tokens
     # leaving the window during generation; top_k covers every offloaded key

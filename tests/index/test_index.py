@@ -88,6 +88,31 @@ def test_graph_invariants(data):
     assert not np.array_equal(deg[0, :, 0], deg[1, :, 0])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("copies", [1, 20, 50])
+def test_every_key_reachable(seed, copies):
+    # Base lists are nearly always full, and the repair used to attach an unreached key by
+    # overwriting its parent's last slot, which could hold the only in-edge of a key attached
+    # before (with exact duplicates, the same parent for a whole run of keys): 241 of 4000
+    # keys stayed reachable at 20 copies per key.
+    rng = np.random.default_rng(seed)
+    n, d = 4000, 32
+    distinct = rng.standard_normal((1, n // copies, d), dtype=np.float32)
+    keys = np.repeat(distinct, copies, axis=1)
+    if seed % 2:  # copies spread out; otherwise next to each other, as np.repeat leaves them
+        keys = keys[:, rng.permutation(n)]
+    keys = np.ascontiguousarray(keys)
+    for base_degree in (4, 8):
+        index = AttentionAwareIndex(1, 1, d, IndexParams(base_degree=base_degree))
+        index.build(keys)
+        assert index.graph.reachable(0) == n
+    # with training queries (projection entries) and after keys are inserted (incremental repair)
+    index = AttentionAwareIndex(2, 1, d, IndexParams(base_degree=4))
+    index.build(np.ascontiguousarray(keys[:, : n // 2]), rng.standard_normal((2, 300, d), dtype=np.float32))
+    index.add(keys)
+    assert [index.graph.reachable(h) for h in range(2)] == [n, n]
+
+
 @pytest.mark.parametrize("kind", INDEX_TYPES)
 def test_incremental_add_and_truncate(data, kind):
     N = data.keys.shape[1]
@@ -127,6 +152,28 @@ def test_small_and_empty_indexes():
         res = index.search(q, keys, k=8)  # k > N: padded with -1
         assert (res.ids[..., 5:] == -1).all()
         assert sorted(res.ids[0, 0, :5].tolist()) == list(range(5))
+
+
+def test_mahalanobis_ratio_ignores_row_order():
+    # keys that drift with position, as a model's do: a split by row order fitted the first
+    # half and measured the second, so the held-out keys looked far and the ratio far too low
+    rng = np.random.default_rng(0)
+    n, d = 4000, 16
+    drift = rng.standard_normal(d)
+    drift *= 20.0 / np.linalg.norm(drift)
+    keys = rng.standard_normal((n, d)) + np.linspace(-1, 1, n)[:, None] * drift  # in position order
+    queries = rng.standard_normal((500, d)) * 3.0 + 4.0
+    shuffled = keys[rng.permutation(n)]
+    ratios = [mahalanobis_ratio(queries, k) for k in (keys, shuffled)]
+    assert ratios[0] == pytest.approx(ratios[1], rel=0.05)
+    assert mahalanobis_ratio(queries, keys, seed=1) == pytest.approx(ratios[0], rel=0.05)
+    assert mahalanobis_ratio(queries[::-1], keys, max_rows=256) == pytest.approx(ratios[0], rel=0.1)
+    with pytest.raises(ValueError, match=r"requires queries \[S, D\] and keys \[N, D\]"):
+        mahalanobis_ratio(queries, keys[:, :4])
+    with pytest.raises(ValueError, match="at least 4 keys"):
+        mahalanobis_ratio(queries, keys[:3])
+    with pytest.raises(ValueError, match="max_rows requires a positive int"):
+        mahalanobis_ratio(queries, keys, max_rows=0)
 
 
 def test_metrics():
