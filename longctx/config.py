@@ -304,7 +304,9 @@ class RetrievalConfig(BackendConfig):
         to the query's other top keys in rank order (default ``False``).
     proj_reverse : bool
         Attention-aware, rank-order projection (``proj_prune=False``): also link each
-        neighbour back to its pivot while it has room (default ``False``).
+        neighbour back to its pivot while it has room (default ``True``: without the back
+        links a needle key that only a few prefill queries rank first is rarely reached;
+        see :class:`longctx.index.IndexParams`).
     num_entry : int
         Attention-aware: entry keys of each head's search, the key nearest the key centroid
         plus the keys most often a training query's top-1 (default 4).
@@ -342,7 +344,7 @@ class RetrievalConfig(BackendConfig):
     degree: int = 128
     base_degree: int = 8
     proj_prune: bool = False
-    proj_reverse: bool = False
+    proj_reverse: bool = True
     num_entry: int = 4
     build_knn: int = 100
     build_ef: int = 64

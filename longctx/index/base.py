@@ -47,7 +47,11 @@ class IndexParams:
         False (rank order scanned fewer keys per recall in ``longctx bench --index-recall``).
     proj_reverse : bool
         Attention-aware graph, rank-order projection: also link each neighbour back to its
-        pivot. Default False.
+        pivot. Default True: a key that is the top-1 of a few training queries (a needle) gets
+        out-edges from the projection but otherwise no in-edges, so searches rarely reach it
+        (the bundled target's RULER ``niah_single_1`` at 4K through the backend: 100 with, 80
+        without; 0.90 recall@100 on the synthetic set at 3.7% of the keys scanned, against
+        2.9% without; BENCHMARKS.md, RetrievalAttention, twentieth session).
     half_keys : bool
         Attention-aware graph: score search candidates on an fp16 copy of the keys (half the
         memory traffic of a search, +50% of the fp32 key bytes in memory). Default True.
@@ -78,7 +82,7 @@ class IndexParams:
     degree: int = 128
     base_degree: int = 8
     proj_prune: bool = False
-    proj_reverse: bool = False
+    proj_reverse: bool = True
     half_keys: bool = True
     build_knn: int = 100
     build_ef: int = 64

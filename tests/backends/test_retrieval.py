@@ -225,11 +225,11 @@ def test_graph_options_reach_the_index(gen):
         defaults.proj_prune, defaults.proj_reverse, defaults.num_entry)
     q, k, v = _qkv(gen, 1, 600)
     entries = {}
-    for opts in (dict(), dict(proj_prune=True, proj_reverse=True, num_entry=9)):
+    for opts in (dict(), dict(proj_prune=True, proj_reverse=False, num_entry=9)):
         layer = make_layer("retrieval", CTX, n_sink=8, window=32, top_k=16, **opts)
         layer.prefill(q, k, v, None)
         (index,) = layer.indexes
-        expect = {"proj_prune": False, "proj_reverse": False, "num_entry": defaults.num_entry, **opts}
+        expect = {"proj_prune": False, "proj_reverse": True, "num_entry": defaults.num_entry, **opts}
         assert (index.params.proj_prune, index.params.proj_reverse, index.params.num_entry) == (
             expect["proj_prune"], expect["proj_reverse"], expect["num_entry"])
         assert (index.graph.proj_prune, index.graph.proj_reverse) == (expect["proj_prune"], expect["proj_reverse"])
