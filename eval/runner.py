@@ -135,6 +135,8 @@ class EvalSpec:
                 bad = [t for t in self.tasks if t not in valid]
                 if bad:
                     raise ValueError(f"{self.benchmark} task(s) {bad} unknown; valid tasks: {list(valid)}")
+        if self.chat_template == "base" and self.benchmark != "ruler":
+            self.chat_template = "none"  # RULER's name for "no template"
         chats = ("auto", "model", "none") + (tuple(rl.MODEL_TEMPLATES) if self.benchmark == "ruler" else ())
         if self.chat_template not in chats:
             raise ValueError(f"EvalSpec.chat_template requires one of {list(chats)} (got {self.chat_template!r})")
@@ -590,19 +592,30 @@ def _warm_up(model, tokenizer, sample: dict, device) -> None:
 
 
 def _sum_stats(per_layer: Any) -> dict[str, Any]:
-    """Backend counters summed over layers and parts (booleans count the layers where they are true)."""
-    total: dict[str, Any] = {}
-    stack = [per_layer]
+    """One dict from the backend stats of every layer (and part): a value equal in every dict that has
+    it is kept once (settings such as ``rank``, per-call counts such as ``decode_steps``); otherwise
+    ints and booleans are summed over layers (counters; a boolean counts the layers where it is
+    true) and floats averaged (rates and per-step means: a sum of hit rates would exceed 1)."""
+    dicts, stack = [], [per_layer]
     while stack:
         item = stack.pop()
         if isinstance(item, (list, tuple)):
             stack.extend(item)
         elif isinstance(item, dict):
-            for k, v in item.items():
-                if isinstance(v, bool):
-                    total[k] = total.get(k, 0) + int(v)
-                elif isinstance(v, (int, float)):
-                    total[k] = total.get(k, 0) + v
+            dicts.append(item)
+    values: dict[str, list] = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, (bool, int, float)):
+                values.setdefault(k, []).append(v)
+    total: dict[str, Any] = {}
+    for k, vs in values.items():
+        if all(v == vs[0] and type(v) is type(vs[0]) for v in vs):
+            total[k] = vs[0]
+        elif all(isinstance(v, (bool, int)) for v in vs):
+            total[k] = sum(int(v) for v in vs)
+        else:
+            total[k] = sum(float(v) for v in vs) / len(vs)
     return total
 
 
@@ -642,24 +655,31 @@ def _needs_rewrite(path: Path, rows: list[dict]) -> bool:
     return (bool(data) and not data.endswith(b"\n")) or data.count(b"\n") != len(rows)
 
 
-def _fingerprint(record: dict[str, Any]) -> str:
+def _fingerprint(record: dict[str, Any], legacy: bool = False) -> str:
+    """What a results folder's predictions depend on. The backend enters by its resolved config, so
+    the CLI's ``sparse_budget=256`` (a string) and Python's ``{"sparse_budget": 256}`` match;
+    ``legacy``: the fingerprint of folders written before that (raw options included)."""
     keys = ("benchmark", "model", "backend", "generation", "seed")  # prompts are checked per sample (prompt_sha)
     core = {k: record.get(k) for k in keys}
     core["model"] = {k: (record.get("model") or {}).get(k) for k in ("path", "config_sha256", "weights_sha256", "dtype")}
+    if not legacy:
+        backend = record.get("backend") or {}
+        core["backend"] = {"name": backend.get("name"), "config": backend.get("config")}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_compatible(run_dir: Path, fingerprint: str, replace_stale: bool = False) -> None:
+def _check_compatible(run_dir: Path, fingerprint: str, replace_stale: bool = False,
+                      legacy: Optional[str] = None) -> None:
     path = run_dir / "config.json"
     if path.exists():
         previous = json.loads(path.read_text()).get("fingerprint")
-        if previous in (None, fingerprint):
+        if previous in (None, fingerprint, legacy):
             return
         if not replace_stale:
             raise ValueError(
                 f"results folder {run_dir} holds a run with a different model (config or weights), backend config, "
                 f"dtype, seed or generation settings (fingerprint {previous} != {fingerprint}); use another --output "
-                "or remove the folder"
+                "(EvalSpec.output) or remove the folder"
             )
         logger.warning("results folder %s holds a run with another model or configuration (fingerprint %s != %s): "
                        "its results are removed and recomputed", run_dir, previous, fingerprint)
@@ -741,7 +761,7 @@ def run_eval(spec: EvalSpec, patcher: Optional[Callable[..., Any]] = None) -> di
         fingerprint = _fingerprint(record)
         if state.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _check_compatible(run_dir, fingerprint, spec.replace_stale)
+            _check_compatible(run_dir, fingerprint, spec.replace_stale, legacy=_fingerprint(record, legacy=True))
             repair_tail(run_dir / "predictions.jsonl")
         state.wait_for_everyone()
         done = _load_done(run_dir, samples)

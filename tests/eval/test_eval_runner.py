@@ -262,3 +262,33 @@ def test_two_processes_shard_and_merge(tiny_eval_model, tmp_path):
     assert ids == [f"niah_single_1/512/{i}" for i in range(3)]
     assert json.loads((d / "config.json").read_text())["runtime"]["world_size"] == 2
     assert json.loads((d / "metrics.json").read_text())["complete"]
+
+
+def test_cli_and_python_options_share_a_results_folder(tiny_eval_model, tmp_path):
+    """The CLI hands options over as strings, Python as values: the same resolved config is one run."""
+    kw = dict(benchmark="ruler", model=tiny_eval_model, output=str(tmp_path), tasks=["niah_single_1"], lengths=[768],
+              samples=1, max_new_tokens=2)
+    runner.run_eval(runner.EvalSpec(backends=[runner.BackendRun("dense", {"offload": True})], **kw))
+    pred = next(tmp_path.glob("ruler__*__dense*/predictions.jsonl"))
+    before = pred.read_text()
+    runner.run_eval(runner.EvalSpec(backends=[runner.BackendRun("dense", {"offload": "true"})], **kw))  # no error
+    assert pred.read_text() == before  # and nothing regenerated
+    # a folder written before the fingerprint used the resolved config is still recognised
+    config = json.loads((pred.parent / "config.json").read_text())
+    record = dict(config, backend=dict(config["backend"], options={"offload": True}))
+    config["fingerprint"] = runner._fingerprint(record, legacy=True)
+    (pred.parent / "config.json").write_text(json.dumps(config))
+    runner.run_eval(runner.EvalSpec(backends=[runner.BackendRun("dense", {"offload": True})], **kw))
+    assert pred.read_text() == before
+
+
+def test_stats_merge_over_layers_keeps_settings_sums_counters_averages_rates():
+    per_layer = [[{"rank": 128, "keys": 10, "hit_rate": 0.5, "fallback": True, "decode_steps": 4}],
+                 [{"rank": 128, "keys": 30, "hit_rate": 0.7, "fallback": False, "decode_steps": 4}]]
+    got = runner._sum_stats(per_layer)
+    assert got == {"rank": 128, "keys": 40, "hit_rate": pytest.approx(0.6), "fallback": 1, "decode_steps": 4}
+
+
+def test_base_template_is_no_template_for_every_benchmark(tmp_path):
+    spec = runner.EvalSpec(benchmark="niah", model="tiny", output=str(tmp_path), chat_template="base")
+    assert spec.chat_template == "none"
