@@ -10,6 +10,8 @@ Data parallel: under ``torchrun`` / ``accelerate launch`` every process takes a
 contiguous share of the missing samples (``PartialState.split_between_processes``) and
 writes ``predictions.rank<r>.jsonl``; rank 0 merges them into ``predictions.jsonl`` and
 writes the metrics. Processes use their own GPU when there are several, CPU otherwise.
+On a machine without a GPU, ``accelerate launch --num_processes N`` starts one process
+unless given ``--multi_gpu`` (accelerate's rule); ``torchrun --nproc_per_node N`` starts N.
 
 Timing is taken around ``generate`` by a stopping criterion that timestamps every step:
 prefill time is the time to the first new token (prefill forward + first sampling), decode
