@@ -564,7 +564,7 @@ def generate_one(model, tokenizer, sample: dict, handle: Any, device, eos_ids: l
     prefill = times[0] - t0 if times else None
     decode = (times[-1] - times[0]) / (len(times) - 1) * 1000 if len(times) > 1 else None
     memory = handle.memory() if handle is not None else {}
-    stats = _sum_stats(handle.stats()) if handle is not None and hasattr(handle, "stats") else {}
+    stats = _merge_stats(handle.stats()) if handle is not None and hasattr(handle, "stats") else {}
     return {
         "id": sample["id"],
         "task": sample["task"],
@@ -593,7 +593,7 @@ def _warm_up(model, tokenizer, sample: dict, device) -> None:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=pad)
 
 
-def _sum_stats(per_layer: Any) -> dict[str, Any]:
+def _merge_stats(per_layer: Any) -> dict[str, Any]:
     """One dict from the backend stats of every layer (and part): a value equal in every dict that has
     it is kept once (settings such as ``rank``, per-call counts such as ``decode_steps``); otherwise
     ints and booleans are summed over layers (counters; a boolean counts the layers where it is

@@ -150,6 +150,18 @@ def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
+def _greedy(model, input_ids: torch.Tensor, cache: LongCtxCache, steps: int
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prefill ``input_ids`` into ``cache``, then feed back ``steps`` greedy tokens: the last-position
+    logits ``[B, V]`` of the prefill and of every step, and the fed-back tokens ``[B, 1]``."""
+    logits = [model(input_ids, **{CACHE_KWARG: cache}).logits[:, -1]]
+    tokens: list[torch.Tensor] = []
+    for _ in range(steps):
+        tokens.append(logits[-1].argmax(-1, keepdim=True))
+        logits.append(model(tokens[-1], **{CACHE_KWARG: cache}).logits[:, -1])
+    return logits, tokens
+
+
 class _CaptureLayer(DenseLayer):
     """Dense attention that keeps the queries it is given (the last ``prompt_queries`` of the prompt)."""
 
@@ -242,11 +254,8 @@ def capture_attention(model: torch.nn.Module, input_ids: torch.Tensor, new_token
 
     with patch(model, "dense") as handle:
         contexts = handle.contexts
-        cache = LongCtxCache(factory, contexts)
-        logits = model(input_ids, **{CACHE_KWARG: cache}).logits[:, -1]
-        tokens = [logits.argmax(-1, keepdim=True)]
-        for _ in range(new_tokens - 1):
-            tokens.append(model(tokens[-1], **{CACHE_KWARG: cache}).logits[:, -1].argmax(-1, keepdim=True))
+        logits, _ = _greedy(model, input_ids, LongCtxCache(factory, contexts), new_tokens - 1)
+    tokens = [step.argmax(-1, keepdim=True) for step in logits]
     P = input_ids.shape[1]
     n_prompt = P if prompt_queries is None else min(prompt_queries, P)
     positions = torch.arange(P - n_prompt, P + new_tokens - 1)
@@ -300,13 +309,7 @@ def compare_backend(
             compare_layers.append(layer)
             return layer
 
-        cache = LongCtxCache(factory, contexts)
-        logits = model(input_ids, **{CACHE_KWARG: cache}).logits[:, -1]
-        dense_logits, tokens = [logits], []
-        for _ in range(decode_steps):
-            nxt = dense_logits[-1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            dense_logits.append(model(nxt, **{CACHE_KWARG: cache}).logits[:, -1])
+        dense_logits, tokens = _greedy(model, input_ids, LongCtxCache(factory, contexts), decode_steps)
 
     with patch(model, config) as handle:
         cache = handle.new_cache()

@@ -285,7 +285,7 @@ def test_cli_and_python_options_share_a_results_folder(tiny_eval_model, tmp_path
 def test_stats_merge_over_layers_keeps_settings_sums_counters_averages_rates():
     per_layer = [[{"rank": 128, "keys": 10, "hit_rate": 0.5, "fallback": True, "decode_steps": 4}],
                  [{"rank": 128, "keys": 30, "hit_rate": 0.7, "fallback": False, "decode_steps": 4}]]
-    got = runner._sum_stats(per_layer)
+    got = runner._merge_stats(per_layer)
     assert got == {"rank": 128, "keys": 40, "hit_rate": pytest.approx(0.6), "fallback": 1, "decode_steps": 4}
 
 
