@@ -22,7 +22,7 @@ import logging
 import sys
 from typing import Optional
 
-from longctx.config import parse_backend_entry, parse_opts
+from longctx.config import parse_backend_entry, parse_opts, split_options
 
 from .runner import BackendRun, EvalSpec, run_eval
 
@@ -34,17 +34,7 @@ def parse_backends(backends: Optional[list[str]], opts: Optional[list[str]]) -> 
     entries = []
     for item in backends or ["dense"]:
         entries.append(parse_backend_entry(item))
-    common: dict[str, str] = {}
-    targeted: dict[str, dict[str, str]] = {}
-    names = [n for n, _ in entries]
-    for key, value in parse_opts(opts).items():
-        if "." in key:
-            bname, field = key.split(".", 1)
-            if bname not in names:
-                raise ValueError(f"--opt {key}={value} targets backend {bname!r}, which is not among --backend {names}")
-            targeted.setdefault(bname, {})[field] = value
-        else:
-            common[key] = value
+    common, targeted = split_options(parse_opts(opts), [n for n, _ in entries], what="--opt")
     return [BackendRun(n, {**common, **targeted.get(n, {}), **inline}) for n, inline in entries]
 
 

@@ -83,6 +83,24 @@ def parse_opts(items: Optional[list[str]]) -> dict[str, str]:
     return out
 
 
+def split_options(options: Optional[dict[str, Any]], names: list[str], what: str = "--opt"
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Options ``key`` (for every backend) and ``NAME.key`` (for backend NAME only) ->
+    ``(common, {NAME: {key: value}})``; a NAME not among ``names`` is an error (``what`` names the
+    argument)."""
+    common: dict[str, Any] = {}
+    targeted: dict[str, dict[str, Any]] = {}
+    for key, value in (options or {}).items():
+        if "." not in key:
+            common[key] = value
+            continue
+        name, field = key.split(".", 1)
+        if name not in names:
+            raise ValueError(f"{what} {key}={value} targets backend {name!r}, which is not among {names}")
+        targeted.setdefault(name, {})[field] = value
+    return common, targeted
+
+
 @dataclasses.dataclass
 class BackendConfig:
     """Base of every method config. Subclasses validate their fields in ``__post_init__``."""

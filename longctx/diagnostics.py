@@ -25,7 +25,7 @@ from longctx.backends import BackendConfig, BackendLayer, LayerContext, resolve_
 from longctx.backends.dense import DenseLayer
 from longctx.cache import LongCtxCache
 from longctx.compat import CACHE_KWARG
-from longctx.config import DenseConfig, parse_backend_entry
+from longctx.config import DenseConfig, parse_backend_entry, split_options
 from longctx.patch import patch
 
 logger = logging.getLogger(__name__)
@@ -362,8 +362,8 @@ def compare_backends(model, input_ids, backends: list[str], options: Optional[di
     ----------
     backends : entries ``"NAME"`` or ``"NAME:key=value,..."`` (one backend with its own
         options; the same backend may appear with different options).
-    options : for every entry except dense (``key``) or for one backend (``NAME.key``);
-        an entry's own options win.
+    options : for every entry except dense (``key``) or for one backend (``NAME.key``; NAME must be
+        among the entries); an entry's own options win.
     **kwargs : :func:`compare_backend`'s ``decode_steps`` and ``top_k``.
 
     Returns
@@ -374,18 +374,12 @@ def compare_backends(model, input_ids, backends: list[str], options: Optional[di
     repeated = sorted({entry for entry in entries if entries.count(entry) > 1})
     if repeated:
         raise ValueError(f"compare_backends requires each entry once (got {repeated} more than once in {entries})")
+    parsed = [parse_backend_entry(entry, what="backend entry") for entry in entries]
+    common, targeted = split_options(options, [name for name, _ in parsed], what="options")
     reports = []
-    for entry in entries:
-        name, inline = parse_backend_entry(entry, what="backend entry")
-        opts = {}
-        for key, value in (options or {}).items():
-            if "." in key:
-                target, field = key.split(".", 1)
-                if target == name:
-                    opts[field] = value
-            elif name != "dense":
-                opts[key] = value
-        report = compare_backend(model, input_ids, name, {**opts, **inline}, **kwargs)
+    for entry, (name, inline) in zip(entries, parsed):
+        opts = {**({} if name == "dense" else common), **targeted.get(name, {}), **inline}
+        report = compare_backend(model, input_ids, name, opts, **kwargs)
         report["backend"] = entry
         reports.append(report)
     return reports

@@ -120,3 +120,10 @@ def test_capture_attention_matches_eager_attention(gen, arch):
     for bad, what in [(dict(new_tokens=0), "new_tokens requires"), (dict(prompt_queries=0), "prompt_queries requires")]:
         with pytest.raises(ValueError, match=what):
             capture_attention(model, ids, **bad)
+
+
+def test_compare_backends_rejects_options_for_a_backend_not_compared(gen):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=gen)
+    with pytest.raises(ValueError, match="targets backend 'shadowkv', which is not among"):
+        compare_backends(model, ids, ["dense"], options={"shadowkv.sparse_budget": 64}, decode_steps=1)

@@ -244,6 +244,13 @@ class KeyProbe(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
+def gathered_keys(out: torch.Tensor, heads: Union[int, Sequence[int]]) -> torch.Tensor:
+    """The gathered key at every position: the given heads' outputs of one sequence concatenated and
+    L2-normalised, ``out [S, H, D]`` -> ``[S, len(heads) * D]`` (fp32)."""
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    return torch.nn.functional.normalize(out[:, heads].float().flatten(1), dim=-1)
+
+
 def contrast_loss(store: dict, spans: Sequence[dict], layer: int, head: Union[int, Sequence[int]],
                   temperature: float = 0.1) -> torch.Tensor:
     """InfoNCE on the gathering head's outputs: at a position that predicts a value's first token,
@@ -258,8 +265,7 @@ def contrast_loss(store: dict, spans: Sequence[dict], layer: int, head: Union[in
         pairs, needles = row.get("contrast", []), row.get("needles", [])
         if not pairs or len(needles) < 2:
             continue
-        heads = [head] if isinstance(head, int) else list(head)
-        g = torch.nn.functional.normalize(out[b, :, heads].float().flatten(1), dim=-1)  # [S, len(heads) * D]
+        g = gathered_keys(out[b], head)  # [S, heads * D]
         t = torch.tensor([p[0] for p in pairs], device=g.device)
         sims = g[t] @ g[torch.tensor(needles, device=g.device)].T / temperature  # [N, n_needles]
         right = torch.tensor([p[1] for p in pairs], device=g.device)
@@ -321,13 +327,13 @@ def circuit_report(model, tokenizer, task: str = "niah_multikey_2", length: int 
         ts = torch.tensor([t for t, _ in answers], device=dev)
         gather_att = torch.softmax(_head_scores(store, *heads["gather"], 0, ts), dim=-1)  # [N, S]
         match_att = torch.softmax(_head_scores(store, *heads["match"], 0, ts), dim=-1)[:, needles]  # [N, needles]
-        gather_out = torch.nn.functional.normalize(store[("out", heads["gather"][0])][0, :, heads["gather"][1]], dim=-1)
+        gather_out = gathered_keys(store[("out", heads["gather"][0])][0], heads["gather"][1])  # [S, D]
         tail_att = pair_out = None
         if "gather_tail" in heads:
             tails = {t: j for t, j, _ in spans["gather_tail"]}
             tail_att = torch.softmax(_head_scores(store, *heads["gather_tail"], 0, ts), dim=-1)  # [N, S]
-            pair = store[("out", heads["gather"][0])][0][:, [heads["gather"][1], heads["gather_tail"][1]]]
-            pair_out = torch.nn.functional.normalize(pair.flatten(1), dim=-1)  # [S, 2 * D]
+            pair_out = gathered_keys(store[("out", heads["gather"][0])][0],
+                                     [heads["gather"][1], heads["gather_tail"][1]])  # [S, 2 * D]
         for i, (t, right) in enumerate(answers):
             s0, s1 = gathered[t]
             key = gather_att[i, s0:s1 + 1]

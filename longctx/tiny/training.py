@@ -93,10 +93,8 @@ def supervised_heads(config, roles: str = "full") -> dict[str, tuple[int, int]]:
 
 def _role_targets(spans: Sequence[dict], roles: str) -> list[dict]:
     """``answer_targets`` rows for ``roles``: "basic" folds the ``match`` targets into ``copy``."""
-    if roles == "two_gather":
+    if roles != "basic":  # a role without a head (gather_tail under "full") is simply not read
         return list(spans)
-    if roles == "full":
-        return [{k: v for k, v in row.items() if k != "gather_tail"} for row in spans]
     return [{"copy": row.get("match", []) + row.get("copy", []), "gather": row.get("gather", [])} for row in spans]
 
 
